@@ -1,0 +1,35 @@
+"""Every place det_backend replaces a vLLM internal. Only this package touches vLLM internals.
+
+| patch                  | vLLM symbol                                              | why |
+|------------------------|----------------------------------------------------------|-----|
+| custom_ops             | (adds torch.ops.det_backend.*)                           | kernels stay whole under torch.compile |
+| linear                 | layers.linear.UnquantizedLinearMethod.apply              | cuBLAS split-K depends on M |
+| logits                 | layers.vocab_parallel_embedding.UnquantizedEmbeddingMethod.apply | lm_head GEMM, same |
+| rms_norm               | vllm.ir.ops.rms_norm / fused_add_rms_norm priority       | vllm_c block size depends on M |
+| batch_invariant_ops    | layers.batch_invariant.enable_batch_invariant_mode       | aten softmax/mean/bmm, cuBLAS workspace |
+
+Each file says Why, How and the vLLM version it was checked against. `apply_all` runs in the
+worker when our attention backend is constructed (never at import, never when the backend is
+not selected) and is idempotent. Removal plan: each patch goes when vLLM exposes the same
+switch as a supported setting.
+"""
+
+from . import batch_invariant_ops, custom_ops, linear, logits, rms_norm
+
+# vLLM versions whose internals these patches were read against.
+CHECKED_VLLM_VERSIONS = ("0.26.0",)
+
+_PATCHES = (custom_ops, linear, logits, rms_norm, batch_invariant_ops)
+
+
+def apply_all(vllm_config=None) -> None:
+    custom_ops.apply()
+    linear.apply()
+    logits.apply()
+    rms_norm.apply(vllm_config)
+    batch_invariant_ops.apply()
+
+
+def problems() -> list[str]:
+    """What is not in place; empty when every replacement is active."""
+    return [p for patch in _PATCHES for p in patch.problems()]

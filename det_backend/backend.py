@@ -1,0 +1,236 @@
+"""The attention backend vLLM resolves for `--attention-backend CUSTOM`.
+
+Structure follows vllm/v1/attention/backends/triton_attn.py (metadata dataclass, builder,
+backend, impl); the kernel is ours (kernels/attention.py): every query token reduces its KV
+in tiles and fixed-size segments aligned to position 0, so its bits depend only on its own
+request. The KV cache is written (do_kv_cache_update) before attention runs, so prefill,
+chunked prefill and prefix-cache hits read the same cache layout.
+
+Constructing the impl turns deterministic mode on in this process (det_backend.mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.utils import get_kv_cache_layout
+from vllm.v1.attention.ops.triton_reshape_and_cache_flash import triton_reshape_and_cache_flash
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from . import mode
+from .config import (
+    SUPPORTED_DTYPES,
+    SUPPORTED_KV_CACHE_DTYPES,
+    DeterminismError,
+    layer_problems,
+)
+from .kernels.attention import KV_SPLIT_SIZE, SUPPORTED_HEAD_SIZES, paged_attention
+
+
+@dataclass
+class DetAttentionMetadata:
+    num_actual_tokens: int  # tokens in the batch, padding excluded
+    max_query_len: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32, KV length including this step's tokens
+    block_table: torch.Tensor  # [num_reqs, max_blocks] int32
+    slot_mapping: torch.Tensor  # [num_tokens]
+    # Bound on segments per request, from max_model_len: fixed for the engine's life, so
+    # the split launch grid is the same in every CUDA graph replay.
+    max_num_segments: int
+
+
+class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]):
+    # Launch grids depend only on the number of tokens and requests, never on values in
+    # the metadata tensors, so pure-decode batches can be captured whole.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    )
+
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        max_model_len = vllm_config.model_config.max_model_len
+        self.max_num_segments = -(-max_model_len // KV_SPLIT_SIZE)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> DetAttentionMetadata:
+        cm = common_attn_metadata
+        return DetAttentionMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            max_query_len=cm.max_query_len,
+            query_start_loc=cm.query_start_loc,
+            seq_lens=cm.seq_lens,
+            block_table=cm.block_table_tensor,
+            slot_mapping=cm.slot_mapping,
+            max_num_segments=self.max_num_segments,
+        )
+
+
+class DetAttentionBackend(AttentionBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = list(SUPPORTED_DTYPES)
+    supported_kv_cache_dtypes: ClassVar[list] = list(SUPPORTED_KV_CACHE_DTYPES)
+    forward_includes_kv_cache_update: bool = False
+
+    @staticmethod
+    def get_name() -> str:
+        # vLLM maps this name back to its enum (AttentionBackendEnum[name]): it must be CUSTOM.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[DetAttentionImpl]:
+        return DetAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[DetAttentionMetadataBuilder]:
+        return DetAttentionMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        cache_dtype_str: str = "auto",
+    ) -> tuple[int, ...]:
+        if block_size % 16 != 0:
+            raise ValueError(f"det_backend: block_size={block_size} must be a multiple of 16")
+        # Same packing as vLLM's Triton and FlashAttention backends: K | V in the last dim.
+        return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+    @staticmethod
+    def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+        layout = get_kv_cache_layout()
+        orders = {
+            ("NHD", False): (0, 2, 1, 3),
+            ("NHD", True): (1, 0, 3, 2, 4),
+            ("HND", False): (0, 1, 2, 3),
+            ("HND", True): (1, 2, 0, 3, 4),
+        }
+        if (layout, include_num_layers_dimension) not in orders:
+            raise ValueError(f"det_backend: unknown KV cache layout {layout}")
+        return orders[(layout, include_num_layers_dimension)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_SIZES)
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return True
+
+    @staticmethod
+    def use_cascade_attention(*args, **kwargs) -> bool:
+        return False
+
+
+def _unset(value: object) -> bool:
+    # vLLM passes optional features as extra kwargs whose "off" is None, False or -1.
+    return value is None or value is False or (type(value) is int and value == -1)
+
+
+class DetAttentionImpl(AttentionImpl[DetAttentionMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **extra: object,
+    ) -> None:
+        reasons = layer_problems(
+            head_size, alibi_slopes, sliding_window, logits_soft_cap, attn_type, sinks,
+            kv_cache_dtype,
+        )
+        reasons += [f"attention option {k}={v!r}" for k, v in extra.items() if not _unset(v)]
+        if reasons:
+            raise DeterminismError(reasons)
+        mode.enable(get_current_vllm_config())
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head_size]
+        attn_metadata: DetAttentionMetadata,
+        output: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("det_backend: fused output quantization is not supported")
+        if attn_metadata is None:
+            # Profiling run: no KV cache yet.
+            return output.fill_(0)
+        n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        paged_attention(
+            query[:n],
+            key_cache,
+            value_cache,
+            output[:n],
+            cu_seqlens_q=attn_metadata.query_start_loc,
+            seq_lens=attn_metadata.seq_lens,
+            block_table=attn_metadata.block_table,
+            scale=self.scale,
+            max_seqlen_q=attn_metadata.max_query_len,
+            max_num_segments=attn_metadata.max_num_segments,
+        )
+        return output
+
+    def do_kv_cache_update(
+        self,
+        layer: AttentionLayer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        # (B, H, N, 2*D) -> ((B, N, H, D), (B, N, H, D)); a copy, deterministic by nature.
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        triton_reshape_and_cache_flash(
+            key, value, key_cache, value_cache, slot_mapping, self.kv_cache_dtype,
+            layer._k_scale, layer._v_scale,
+        )

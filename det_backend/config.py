@@ -1,0 +1,124 @@
+"""What det_backend can make deterministic, and the start-up checks that refuse the rest.
+
+Every check collects the reasons it finds and raises one ValueError naming all of them:
+a user learns in one start-up what to change. Nothing here falls back to a vLLM path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kernels.attention import SUPPORTED_HEAD_SIZES
+from .patches import CHECKED_VLLM_VERSIONS
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+# Decoder-only architectures whose every batch-variant op we replace (GEMM, RMSNorm,
+# attention); their other ops (rotary, SiLU-and-mul, embedding lookup) are per-token.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+
+class DeterminismError(ValueError):
+    """A configuration det_backend cannot make deterministic."""
+
+    def __init__(self, reasons: list[str]):
+        self.reasons = reasons
+        super().__init__(
+            "det_backend (--attention-backend CUSTOM) cannot make this configuration "
+            "deterministic, so it refuses to start: " + "; ".join(reasons)
+        )
+
+
+def check_vllm_version(version: str) -> None:
+    if version not in CHECKED_VLLM_VERSIONS:
+        raise DeterminismError(
+            [
+                f"vLLM {version} is not a version det_backend's patches were checked against "
+                f"({', '.join(CHECKED_VLLM_VERSIONS)}); its internals may have moved"
+            ]
+        )
+
+
+def config_problems(vllm_config: VllmConfig) -> list[str]:
+    """Model- and engine-level features det_backend cannot make deterministic."""
+    from vllm.platforms import current_platform
+
+    reasons = []
+    if not current_platform.is_cuda():
+        reasons.append(f"platform {type(current_platform).__name__}: the kernels need a CUDA GPU")
+    if os.environ.get("VLLM_BATCH_INVARIANT", "0") not in ("", "0"):
+        reasons.append(
+            "VLLM_BATCH_INVARIANT=1 is set: it swaps in vLLM's own RMSNorm path ahead of ours; "
+            "det_backend replaces that mode, unset it"
+        )
+    model = vllm_config.model_config
+    if model.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {model.dtype} (supported: float16, bfloat16)")
+    if model.quantization is not None or model.is_quantized:
+        reasons.append(f"quantized weights ({model.quantization}) have no deterministic GEMM yet")
+    archs = [a for a in (model.architectures or []) if a not in SUPPORTED_ARCHITECTURES]
+    if archs:
+        reasons.append(
+            f"architecture {', '.join(archs)} is not one whose ops det_backend covers "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if model.use_mla:
+        reasons.append("MLA attention")
+    if model.is_moe:
+        reasons.append("mixture-of-experts layers")
+    if model.is_encoder_decoder:
+        reasons.append("encoder-decoder models")
+    if model.is_hybrid or model.is_attention_free:
+        reasons.append("state-space / hybrid layers")
+    if vllm_config.speculative_config is not None:
+        reasons.append("speculative decoding")
+    if vllm_config.lora_config is not None:
+        reasons.append("LoRA adapters")
+    par = vllm_config.parallel_config
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                 "decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(par, name, 1) != 1:
+            reasons.append(f"{name}={getattr(par, name)} (only 1 is supported for now)")
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        reasons.append(f"kv_cache_dtype={cache_dtype} (supported: {SUPPORTED_KV_CACHE_DTYPES})")
+    return reasons
+
+
+def layer_problems(
+    head_size: int,
+    alibi_slopes,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+    attn_type: str,
+    sinks,
+    kv_cache_dtype: str,
+) -> list[str]:
+    """Attention-layer features our kernel does not implement."""
+    reasons = []
+    if head_size not in SUPPORTED_HEAD_SIZES:
+        reasons.append(f"head_size={head_size} (supported: {SUPPORTED_HEAD_SIZES})")
+    if alibi_slopes is not None:
+        reasons.append("ALiBi")
+    if sliding_window is not None:
+        reasons.append(f"sliding window ({sliding_window})")
+    if logits_soft_cap:
+        reasons.append(f"attention logit softcap ({logits_soft_cap})")
+    if attn_type != "decoder":
+        reasons.append(f"attention type {attn_type!r} (only 'decoder')")
+    if sinks is not None:
+        reasons.append("attention sinks")
+    if kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        reasons.append(f"kv_cache_dtype={kv_cache_dtype}")
+    return reasons

@@ -1,0 +1,274 @@
+"""`python -m det_backend.demo`: the same prompts alone and inside one large batch, with vLLM's
+default backend and with ours; prints how many prompts came out bit-identical.
+
+On a CUDA GPU it builds a Llama-shaped model from a bundled config.json (no weights are
+downloaded: vLLM's dummy loader, then weights re-drawn at a realistic scale, normal std 0.02
+with norm weights 1, because vLLM's own dummy weights of +-1e-3 give near-flat logits that
+hide nondeterminism). Each backend runs in its own process (one engine per process).
+Without a GPU it runs the kernel-level part on the CPU under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+CONFIGS = {"small": "llama-small.json", "llama-3-8b": "llama-3-8b.json"}
+BACKENDS = {"default": None, "det": "CUSTOM"}
+WEIGHT_STD = 0.02
+WEIGHT_SEED = 1234
+
+
+def write_model_dir(config: str, directory: str) -> str:
+    """A model folder holding only config.json: a bundled name or a path to a config.json."""
+    if config in CONFIGS:
+        text = resources.files("det_backend.configs").joinpath(CONFIGS[config]).read_text()
+    else:
+        text = Path(config).read_text()
+    Path(directory, "config.json").write_text(text)
+    return directory
+
+
+def make_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Ids from 100 up avoid special tokens of real vocabularies; any id works for random weights.
+    return [
+        [rng.randrange(100, vocab_size) for _ in range(rng.randint(min_len, max_len))]
+        for _ in range(n)
+    ]
+
+
+def reinit_weights(model) -> None:
+    """Realistic-scale synthetic weights, identical in every process that calls this."""
+    import torch
+
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(WEIGHT_SEED)
+    for name, param in sorted(model.named_parameters()):
+        if "norm" in name:
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, WEIGHT_STD, generator=gen)
+
+
+def _outputs(request_outputs) -> list[dict]:
+    result = []
+    for ro in request_outputs:
+        out = ro.outputs[0]
+        tokens = list(out.token_ids)
+        logprobs = [step[t].logprob for step, t in zip(out.logprobs, tokens)]
+        result.append({"tokens": tokens, "logprobs": logprobs})
+    return result
+
+
+def engine_worker(args: argparse.Namespace) -> None:
+    """One engine, one backend: batch twice, then each of the first `num_alone` prompts alone."""
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # for apply_model
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    prompts = json.loads(Path(args.prompts_file).read_text())
+    kwargs = dict(
+        model=args.model_dir,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        max_model_len=args.max_model_len,
+        max_num_seqs=256,
+        gpu_memory_utilization=0.85,
+        seed=0,
+    )
+    if BACKENDS[args.engine_worker]:
+        kwargs["attention_backend"] = BACKENDS[args.engine_worker]
+    llm = LLM(**kwargs)
+    llm.apply_model(reinit_weights)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=args.max_tokens, logprobs=1, ignore_eos=True, detokenize=False
+    )
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+
+    print(f"[{args.engine_worker}] batch of {len(inputs)} prompts", flush=True)
+    start = time.perf_counter()
+    batch = _outputs(llm.generate(inputs, params))
+    seconds = time.perf_counter() - start
+    print(f"[{args.engine_worker}] the same batch again", flush=True)
+    batch2 = _outputs(llm.generate(inputs, params, use_tqdm=False))
+    alone = []
+    for i, p in enumerate(inputs[: args.num_alone]):
+        print(f"\r[{args.engine_worker}] prompts alone: {i + 1}/{args.num_alone}", end="", flush=True)
+        alone += _outputs(llm.generate([p], params, use_tqdm=False))
+    print(flush=True)
+    result = {
+        "backend": args.engine_worker,
+        "tok_s": sum(len(o["tokens"]) for o in batch) / seconds,
+        "batch_seconds": seconds,
+        "batch": batch,
+        "batch2": batch2,
+        "alone": alone,
+        "gpu": torch.cuda.get_device_name(),
+        "vllm": vllm.__version__,
+    }
+    Path(args.out).write_text(json.dumps(result))
+
+
+def first_divergence(a: dict, b: dict) -> int | None:
+    """First step where tokens or logprobs differ; None when bit-identical."""
+    for i, (ta, tb, la, lb) in enumerate(zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"])):
+        if ta != tb or la != lb:
+            return i
+    return None if len(a["tokens"]) == len(b["tokens"]) else min(len(a["tokens"]), len(b["tokens"]))
+
+
+def summarize(run: dict) -> dict:
+    alone_div = [first_divergence(a, b) for a, b in zip(run["alone"], run["batch"])]
+    repeat_div = [first_divergence(a, b) for a, b in zip(run["batch"], run["batch2"])]
+    diverged = [d for d in alone_div if d is not None]
+    return {
+        "backend": run["backend"],
+        "prompts_alone": len(alone_div),
+        "identical_alone_vs_batch": alone_div.count(None),
+        "identical_batch_repeat": repeat_div.count(None),
+        "prompts_batch": len(repeat_div),
+        "first_divergence_min": min(diverged) if diverged else None,
+        "tok_s": run["tok_s"],
+        "gpu": run["gpu"],
+        "vllm": run["vllm"],
+    }
+
+
+def compare(
+    config: str = "small",
+    num_prompts: int = 64,
+    max_tokens: int = 128,
+    num_alone: int | None = None,
+    min_len: int = 64,
+    max_len: int = 512,
+    backends: tuple[str, ...] = ("default", "det"),
+    verbose: bool = False,
+) -> dict:
+    """Runs each backend in its own process on the same prompts and weights."""
+    num_alone = num_prompts if num_alone is None else num_alone
+    summaries = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(config, tmp)
+        vocab = json.loads(Path(model_dir, "config.json").read_text())["vocab_size"]
+        prompts_file = Path(tmp, "prompts.json")
+        prompts_file.write_text(json.dumps(make_prompts(num_prompts, min_len, max_len, vocab, 0)))
+        env = dict(os.environ)
+        if not verbose:
+            env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        for backend in backends:
+            out = Path(tmp, f"{backend}.json")
+            cmd = [
+                sys.executable, "-m", "det_backend.demo", "--engine-worker", backend,
+                "--model-dir", model_dir, "--prompts-file", str(prompts_file),
+                "--max-tokens", str(max_tokens), "--num-alone", str(num_alone),
+                "--max-model-len", str(max_len + max_tokens + 64), "--out", str(out),
+            ]
+            print(f"== {backend}: starting an engine (compile and CUDA graphs take a minute)",
+                  flush=True)
+            subprocess.run(cmd, env=env, check=True)
+            summaries.append(summarize(json.loads(out.read_text())))
+    return {
+        "config": config,
+        "num_prompts": num_prompts,
+        "max_tokens": max_tokens,
+        "prompt_lengths": [min_len, max_len],
+        "runs": summaries,
+    }
+
+
+def print_table(result: dict) -> None:
+    print(f"\nmodel {result['config']}, {result['num_prompts']} prompts of "
+          f"{result['prompt_lengths'][0]}-{result['prompt_lengths'][1]} tokens, "
+          f"{result['max_tokens']} new tokens, greedy, logprobs compared bit for bit")
+    header = f"{'backend':<10}{'alone = batch':>16}{'batch = batch':>16}{'1st diverg.':>13}{'tok/s':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in result["runs"]:
+        div = "-" if r["first_divergence_min"] is None else str(r["first_divergence_min"])
+        print(f"{r['backend']:<10}"
+              f"{r['identical_alone_vs_batch']:>9}/{r['prompts_alone']:<6}"
+              f"{r['identical_batch_repeat']:>9}/{r['prompts_batch']:<6}"
+              f"{div:>13}{r['tok_s']:>10.0f}")
+    print(f"GPU: {result['runs'][0]['gpu']}, vLLM {result['runs'][0]['vllm']}")
+
+
+def kernel_demo() -> list[dict]:
+    """CPU part: a row alone vs inside batches, for our GEMM and RMSNorm and for torch's."""
+    import torch
+
+    from .kernels.matmul import matmul
+    from .kernels.rms_norm import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    # fp16 dots: the interpreter's bf16 tl.dot is not trustworthy.
+    x = torch.randn(48, 256, generator=gen).half()
+    w = (torch.randn(64, 256, generator=gen) * 0.05).half()
+    nw = torch.randn(256, generator=gen).half()
+    ops = {
+        "det_backend matmul": lambda a: matmul(a, w),
+        "torch matmul (fp32)": lambda a: a.float() @ w.float().T,
+        "det_backend rms_norm": lambda a: rms_norm(a, nw, 1e-5),
+    }
+    rows = []
+    for name, fn in ops.items():
+        full = fn(x)
+        sizes = (1, 7, 16, 33, 47)
+        same = sum(torch.equal(fn(x[:m]), full[:m]) for m in sizes)
+        rows.append({"op": name, "batch_sizes": len(sizes), "identical": same})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m det_backend.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="small",
+                        help=f"bundled model config {sorted(CONFIGS)} or a config.json path")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--num-alone", type=int, default=None,
+                        help="prompts also run alone (default: all)")
+    parser.add_argument("--json", help="write the result here as JSON")
+    parser.add_argument("--verbose", action="store_true", help="show vLLM's INFO logs")
+    # Internal: one engine in this process.
+    for flag in ("--engine-worker", "--model-dir", "--prompts-file", "--out"):
+        parser.add_argument(flag, help=argparse.SUPPRESS)
+    parser.add_argument("--max-model-len", type=int, default=1024, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.engine_worker:
+        engine_worker(args)
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        print("No CUDA GPU: running the kernel-level part on the CPU (Triton interpreter).")
+        print(f"{'op':<24}{'row alone = row in batch':>26}")
+        for r in kernel_demo():
+            print(f"{r['op']:<24}{r['identical']:>20}/{r['batch_sizes']}")
+        print("\nThe engine part (vLLM default vs det_backend, prompts alone vs batched) "
+              "needs a CUDA GPU; run this command again on one.")
+        return 0
+
+    result = compare(args.config, args.prompts, args.max_tokens, args.num_alone,
+                     verbose=args.verbose)
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

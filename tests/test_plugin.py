@@ -1,0 +1,211 @@
+"""The plugin as vLLM sees it: entry point, registration, start-up refusals, patches.
+
+These run on the CPU with a real vLLM 0.26 import; nothing here needs a GPU.
+"""
+
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import det_backend
+from det_backend.config import (
+    DeterminismError,
+    check_vllm_version,
+    config_problems,
+    layer_problems,
+)
+
+
+def _run_isolated(code: str) -> str:
+    """Patches are process-wide: exercise them in a fresh interpreter."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "TRITON_INTERPRET": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_entry_point_is_declared():
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    ours = [ep for ep in eps if ep.name == "det_backend"]
+    assert len(ours) == 1
+    assert ours[0].value == "det_backend:register"
+
+
+def test_vllm_plugin_loader_registers_backend_and_changes_nothing_else():
+    out = _run_isolated(
+        """
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+        original_apply = UnquantizedLinearMethod.apply
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        load_general_plugins()  # vLLM calls it in several places: must be idempotent
+        import det_backend
+        det_backend.register()
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        from vllm import ir
+        assert AttentionBackendEnum.CUSTOM.get_path() == det_backend.BACKEND_CLASS_PATH
+        cls = AttentionBackendEnum.CUSTOM.get_class()
+        from det_backend.backend import DetAttentionBackend
+        assert cls is DetAttentionBackend
+        assert cls.get_name() == "CUSTOM"
+        assert AttentionBackendEnum[cls.get_name()] is AttentionBackendEnum.CUSTOM
+        # Registered but not selected: no vLLM behaviour changed.
+        assert UnquantizedLinearMethod.apply is original_apply
+        assert "det" not in ir.ops.rms_norm.impls
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_attention_backend_cli_value_is_accepted():
+    from vllm.config.attention import AttentionConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    for value in ("CUSTOM", "custom"):
+        assert AttentionConfig.validate_backend_before(value) is AttentionBackendEnum.CUSTOM
+
+
+def test_version_guard_names_the_version():
+    check_vllm_version("0.26.0")
+    with pytest.raises(DeterminismError, match=r"vLLM 0\.25\.1 is not a version"):
+        check_vllm_version("0.25.1")
+
+
+def _fake_config(**overrides):
+    model = dict(
+        dtype=torch.bfloat16, quantization=None, is_quantized=False,
+        architectures=["LlamaForCausalLM"], use_mla=False, is_moe=False,
+        is_encoder_decoder=False, is_hybrid=False, is_attention_free=False,
+    )
+    model.update(overrides.pop("model", {}))
+    parallel = dict(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=1,
+                    decode_context_parallel_size=1, prefill_context_parallel_size=1)
+    parallel.update(overrides.pop("parallel", {}))
+    cfg = dict(
+        model_config=SimpleNamespace(**model),
+        parallel_config=SimpleNamespace(**parallel),
+        cache_config=SimpleNamespace(cache_dtype=overrides.pop("cache_dtype", "auto")),
+        speculative_config=overrides.pop("speculative_config", None),
+        lora_config=overrides.pop("lora_config", None),
+    )
+    return SimpleNamespace(**cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model": {"dtype": torch.float32}}, "dtype torch.float32"),
+        ({"model": {"quantization": "fp8", "is_quantized": True}}, "quantized weights"),
+        ({"model": {"use_mla": True}}, "MLA"),
+        ({"model": {"is_moe": True}}, "mixture-of-experts"),
+        ({"model": {"is_encoder_decoder": True}}, "encoder-decoder"),
+        ({"model": {"architectures": ["Gemma2ForCausalLM"]}}, "Gemma2ForCausalLM"),
+        ({"speculative_config": object()}, "speculative decoding"),
+        ({"parallel": {"tensor_parallel_size": 2}}, "tensor_parallel_size=2"),
+        ({"parallel": {"pipeline_parallel_size": 2}}, "pipeline_parallel_size=2"),
+        ({"cache_dtype": "fp8"}, "kv_cache_dtype=fp8"),
+    ],
+)
+def test_config_refusals_name_the_cause(overrides, message, monkeypatch):
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    reasons = config_problems(_fake_config(**overrides))
+    assert any(message in r for r in reasons), reasons
+    with pytest.raises(DeterminismError, match=message.split("=")[0]):
+        raise DeterminismError(reasons)
+
+
+def test_config_refuses_vllm_batch_invariant_env(monkeypatch):
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    assert any("VLLM_BATCH_INVARIANT" in r for r in config_problems(_fake_config()))
+
+
+def test_supported_config_has_only_the_platform_problem(monkeypatch):
+    # On this CPU-only machine the one problem left is the missing CUDA GPU.
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    reasons = config_problems(_fake_config())
+    assert len(reasons) == (0 if torch.cuda.is_available() else 1), reasons
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"head_size": 96}, "head_size=96"),
+        ({"alibi_slopes": [0.5]}, "ALiBi"),
+        ({"sliding_window": 4096}, "sliding window"),
+        ({"logits_soft_cap": 30.0}, "softcap"),
+        ({"attn_type": "encoder_only"}, "attention type"),
+        ({"sinks": torch.ones(8)}, "sinks"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8"),
+    ],
+)
+def test_layer_refusals_name_the_cause(kwargs, message):
+    args = dict(head_size=128, alibi_slopes=None, sliding_window=None, logits_soft_cap=None,
+                attn_type="decoder", sinks=None, kv_cache_dtype="auto")
+    assert layer_problems(**args) == []
+    args.update(kwargs)
+    assert any(message in r for r in layer_problems(**args))
+
+
+def test_impl_refuses_unsupported_layer_before_patching():
+    from det_backend.backend import DetAttentionImpl
+
+    with pytest.raises(DeterminismError, match="head_size=96"):
+        DetAttentionImpl(num_heads=8, head_size=96, scale=0.1, num_kv_heads=8)
+
+
+def test_backend_validate_configuration_rejects_what_vllm_checks():
+    from det_backend.backend import DetAttentionBackend
+
+    common = dict(kv_cache_dtype="auto", block_size=16, use_mla=False, has_sink=False,
+                  use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
+                  device_capability=None, attn_type="decoder", has_sliding_window=False,
+                  use_non_causal=False, use_batch_invariant=True, use_kv_connector=False,
+                  use_pcp=False)
+    ok = DetAttentionBackend.validate_configuration(head_size=128, dtype=torch.bfloat16, **common)
+    assert ok == []
+    bad = DetAttentionBackend.validate_configuration(head_size=80, dtype=torch.float32, **common)
+    assert len(bad) >= 2
+
+
+def test_patches_route_linear_and_rms_norm_through_our_kernels():
+    out = _run_isolated(
+        """
+        import torch
+        from det_backend import patches
+        from det_backend.patches import custom_ops, linear, logits, rms_norm
+        from det_backend.kernels.matmul import matmul
+        from det_backend.kernels.rms_norm import rms_norm as det_rms_norm
+        assert patches.problems() != []
+        for p in (custom_ops, linear, logits, rms_norm):
+            p.apply(); p.apply()  # idempotent
+        assert custom_ops.problems() + linear.problems() + logits.problems() + rms_norm.problems() == []
+
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+        from vllm import ir
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 64, generator=g).half()
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter((torch.randn(32, 64, generator=g) * 0.1).half(), requires_grad=False)
+        bias = torch.randn(32, generator=g).half()
+        for method in (UnquantizedLinearMethod(), UnquantizedEmbeddingMethod()):
+            assert torch.equal(method.apply(layer, x, bias), matmul(x, layer.weight, bias))
+        w = torch.randn(64, generator=g).half()
+        assert torch.equal(ir.ops.rms_norm(x, w, 1e-5), det_rms_norm(x, w, 1e-5))
+        out, res = ir.ops.fused_add_rms_norm(x, x.clone(), w, 1e-5)
+        assert torch.equal(res, (x.float() * 2).half())
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
