@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On the GPU host (see README "GPU host"): install this checkout next to the staged vLLM,
+# then run what is asked, writing logs and JSON under $OUT.
+#   bash benchmarks/gpu_run.sh kernels    gpu-marked kernel tests
+#   bash benchmarks/gpu_run.sh e2e        end-to-end engine test (+ e2e.json)
+#   bash benchmarks/gpu_run.sh all
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-$REPO/out}"; mkdir -p "$OUT"
+# pytest and its needs travel as wheels in .whl/ (carried with the call), when present.
+if compgen -G "$REPO/.whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$REPO"/.whl/*.whl 2>&1 | grep -v -i warning
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site "$REPO" 2>&1 \
+  | grep -v -i -E 'warning|already exists' || true
+export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+# Run from outside the checkout: its det_backend/ folder must not shadow the installed package.
+cd /tmp
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+what="${1:-all}"
+rc=0
+if [[ $what == kernels || $what == all ]]; then
+  python3 -m pytest -q -m "gpu and not slow" "$REPO/tests" -p no:cacheprovider 2>&1 | tee "$OUT/kernels.log"
+  rc=$(( rc | ${PIPESTATUS[0]} ))
+fi
+if [[ $what == e2e || $what == all ]]; then
+  DET_RESULTS_DIR="$OUT" python3 -m pytest -q -s -m slow "$REPO/tests/test_e2e.py" -p no:cacheprovider 2>&1 \
+    | tee "$OUT/e2e.log" | grep -v -E '^\s*$' | tail -60
+  rc=$(( rc | ${PIPESTATUS[0]} ))
+fi
+exit $rc
