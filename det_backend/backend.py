@@ -172,7 +172,12 @@ class DetAttentionImpl(AttentionImpl[DetAttentionMetadata]):
         **extra: object,
     ) -> None:
         reasons = layer_problems(
-            head_size, alibi_slopes, sliding_window, logits_soft_cap, attn_type, sinks,
+            head_size,
+            alibi_slopes,
+            sliding_window,
+            logits_soft_cap,
+            attn_type,
+            sinks,
             kv_cache_dtype,
         )
         reasons += [f"attention option {k}={v!r}" for k, v in extra.items() if not _unset(v)]
@@ -231,6 +236,12 @@ class DetAttentionImpl(AttentionImpl[DetAttentionMetadata]):
         # (B, H, N, 2*D) -> ((B, N, H, D), (B, N, H, D)); a copy, deterministic by nature.
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         triton_reshape_and_cache_flash(
-            key, value, key_cache, value_cache, slot_mapping, self.kv_cache_dtype,
-            layer._k_scale, layer._v_scale,
+            key,
+            value,
+            key_cache,
+            value_cache,
+            slot_mapping,
+            self.kv_cache_dtype,
+            layer._k_scale,
+            layer._v_scale,
         )

@@ -86,8 +86,13 @@ def config_problems(vllm_config: VllmConfig) -> list[str]:
     if vllm_config.lora_config is not None:
         reasons.append("LoRA adapters")
     par = vllm_config.parallel_config
-    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
-                 "decode_context_parallel_size", "prefill_context_parallel_size"):
+    for name in (
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "data_parallel_size",
+        "decode_context_parallel_size",
+        "prefill_context_parallel_size",
+    ):
         if getattr(par, name, 1) != 1:
             reasons.append(f"{name}={getattr(par, name)} (only 1 is supported for now)")
     cache_dtype = vllm_config.cache_config.cache_dtype

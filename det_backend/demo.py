@@ -65,7 +65,7 @@ def _outputs(request_outputs) -> list[dict]:
     for ro in request_outputs:
         out = ro.outputs[0]
         tokens = list(out.token_ids)
-        logprobs = [step[t].logprob for step, t in zip(out.logprobs, tokens)]
+        logprobs = [step[t].logprob for step, t in zip(out.logprobs, tokens, strict=True)]
         result.append({"tokens": tokens, "logprobs": logprobs})
     return result
 
@@ -105,7 +105,9 @@ def engine_worker(args: argparse.Namespace) -> None:
     batch2 = _outputs(llm.generate(inputs, params, use_tqdm=False))
     alone = []
     for i, p in enumerate(inputs[: args.num_alone]):
-        print(f"\r[{args.engine_worker}] prompts alone: {i + 1}/{args.num_alone}", end="", flush=True)
+        print(
+            f"\r[{args.engine_worker}] prompts alone: {i + 1}/{args.num_alone}", end="", flush=True
+        )
         alone += _outputs(llm.generate([p], params, use_tqdm=False))
     print(flush=True)
     result = {
@@ -123,15 +125,17 @@ def engine_worker(args: argparse.Namespace) -> None:
 
 def first_divergence(a: dict, b: dict) -> int | None:
     """First step where tokens or logprobs differ; None when bit-identical."""
-    for i, (ta, tb, la, lb) in enumerate(zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"])):
+    for i, (ta, tb, la, lb) in enumerate(
+        zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"], strict=False)
+    ):
         if ta != tb or la != lb:
             return i
     return None if len(a["tokens"]) == len(b["tokens"]) else min(len(a["tokens"]), len(b["tokens"]))
 
 
 def summarize(run: dict) -> dict:
-    alone_div = [first_divergence(a, b) for a, b in zip(run["alone"], run["batch"])]
-    repeat_div = [first_divergence(a, b) for a, b in zip(run["batch"], run["batch2"])]
+    alone_div = [first_divergence(a, b) for a, b in zip(run["alone"], run["batch"], strict=False)]
+    repeat_div = [first_divergence(a, b) for a, b in zip(run["batch"], run["batch2"], strict=True)]
     diverged = [d for d in alone_div if d is not None]
     return {
         "backend": run["backend"],
@@ -170,13 +174,28 @@ def compare(
         for backend in backends:
             out = Path(tmp, f"{backend}.json")
             cmd = [
-                sys.executable, "-m", "det_backend.demo", "--engine-worker", backend,
-                "--model-dir", model_dir, "--prompts-file", str(prompts_file),
-                "--max-tokens", str(max_tokens), "--num-alone", str(num_alone),
-                "--max-model-len", str(max_len + max_tokens + 64), "--out", str(out),
+                sys.executable,
+                "-m",
+                "det_backend.demo",
+                "--engine-worker",
+                backend,
+                "--model-dir",
+                model_dir,
+                "--prompts-file",
+                str(prompts_file),
+                "--max-tokens",
+                str(max_tokens),
+                "--num-alone",
+                str(num_alone),
+                "--max-model-len",
+                str(max_len + max_tokens + 64),
+                "--out",
+                str(out),
             ]
-            print(f"== {backend}: starting an engine (compile and CUDA graphs take a minute)",
-                  flush=True)
+            print(
+                f"== {backend}: starting an engine (compile and CUDA graphs take a minute)",
+                flush=True,
+            )
             subprocess.run(cmd, env=env, check=True)
             summaries.append(summarize(json.loads(out.read_text())))
     return {
@@ -189,18 +208,24 @@ def compare(
 
 
 def print_table(result: dict) -> None:
-    print(f"\nmodel {result['config']}, {result['num_prompts']} prompts of "
-          f"{result['prompt_lengths'][0]}-{result['prompt_lengths'][1]} tokens, "
-          f"{result['max_tokens']} new tokens, greedy, logprobs compared bit for bit")
-    header = f"{'backend':<10}{'alone = batch':>16}{'batch = batch':>16}{'1st diverg.':>13}{'tok/s':>10}"
+    print(
+        f"\nmodel {result['config']}, {result['num_prompts']} prompts of "
+        f"{result['prompt_lengths'][0]}-{result['prompt_lengths'][1]} tokens, "
+        f"{result['max_tokens']} new tokens, greedy, logprobs compared bit for bit"
+    )
+    header = (
+        f"{'backend':<10}{'alone = batch':>16}{'batch = batch':>16}{'1st diverg.':>13}{'tok/s':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in result["runs"]:
         div = "-" if r["first_divergence_min"] is None else str(r["first_divergence_min"])
-        print(f"{r['backend']:<10}"
-              f"{r['identical_alone_vs_batch']:>9}/{r['prompts_alone']:<6}"
-              f"{r['identical_batch_repeat']:>9}/{r['prompts_batch']:<6}"
-              f"{div:>13}{r['tok_s']:>10.0f}")
+        print(
+            f"{r['backend']:<10}"
+            f"{r['identical_alone_vs_batch']:>9}/{r['prompts_alone']:<6}"
+            f"{r['identical_batch_repeat']:>9}/{r['prompts_batch']:<6}"
+            f"{div:>13}{r['tok_s']:>10.0f}"
+        )
     print(f"GPU: {result['runs'][0]['gpu']}, vLLM {result['runs'][0]['vllm']}")
 
 
@@ -231,14 +256,21 @@ def kernel_demo() -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m det_backend.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="small",
-                        help=f"bundled model config {sorted(CONFIGS)} or a config.json path")
+    parser = argparse.ArgumentParser(
+        prog="python -m det_backend.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        default="small",
+        help=f"bundled model config {sorted(CONFIGS)} or a config.json path",
+    )
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--num-alone", type=int, default=None,
-                        help="prompts also run alone (default: all)")
+    parser.add_argument(
+        "--num-alone", type=int, default=None, help="prompts also run alone (default: all)"
+    )
     parser.add_argument("--json", help="write the result here as JSON")
     parser.add_argument("--verbose", action="store_true", help="show vLLM's INFO logs")
     # Internal: one engine in this process.
@@ -258,12 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'op':<24}{'row alone = row in batch':>26}")
         for r in kernel_demo():
             print(f"{r['op']:<24}{r['identical']:>20}/{r['batch_sizes']}")
-        print("\nThe engine part (vLLM default vs det_backend, prompts alone vs batched) "
-              "needs a CUDA GPU; run this command again on one.")
+        print(
+            "\nThe engine part (vLLM default vs det_backend, prompts alone vs batched) "
+            "needs a CUDA GPU; run this command again on one."
+        )
         return 0
 
-    result = compare(args.config, args.prompts, args.max_tokens, args.num_alone,
-                     verbose=args.verbose)
+    result = compare(
+        args.config, args.prompts, args.max_tokens, args.num_alone, verbose=args.verbose
+    )
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

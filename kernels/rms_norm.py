@@ -10,7 +10,10 @@ Why it is batch-invariant: one program per row; the row's sum of squares is redu
 fixed by the hidden size alone. Rows up to _MAX_WHOLE_ROW columns are reduced in registers in
 one tl.sum over BLOCK_N = next_power_of_2(hidden); longer rows are accumulated lane-wise over
 fixed _CHUNK_BLOCK_N-column chunks, in column order, then reduced by one tl.sum. The number of
-rows only sets the grid, never BLOCK_N or num_warps.
+rows only sets the grid, never BLOCK_N or num_warps, and never reaches the compiler: tl.sum's
+order follows the register layout, which Triton derives from what it knows of the pointers'
+alignment, so an argument that changes with the row count must not be specialized (measured on
+H100: compiled for R1 == 1, a row's bits changed).
 """
 
 import torch
@@ -36,9 +39,16 @@ def _load_row_chunk(x_row, res_row, cols, mask, HAS_RESIDUAL: tl.constexpr):
 
 @triton.jit
 def _store_row_chunk(
-    s, rstd, w_ptr, out_row, res_out_row, cols, mask, HAS_RESIDUAL: tl.constexpr,
+    s,
+    rstd,
+    w_ptr,
+    out_row,
+    res_out_row,
+    cols,
+    mask,
+    HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
-):  # fmt: skip
+):
     if HAS_RESIDUAL:
         tl.store(res_out_row + cols, s.to(res_out_row.dtype.element_ty), mask=mask)
     y = s * rstd
@@ -50,7 +60,9 @@ def _store_row_chunk(
     tl.store(out_row + cols, y.to(out_row.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# R1 is the row count for 2-D x. Triton would specialize R1 == 1 (and R1 % 16 == 0), prove
+# different row alignments, pick another register layout and so another tl.sum order.
+@triton.jit(do_not_specialize=["R1"])
 def _rms_norm_kernel(
     x_ptr,  # rows [R0, R1, N], last dim contiguous
     res_ptr,  # like x, or a dummy when HAS_RESIDUAL is False
@@ -105,9 +117,16 @@ def _rms_norm_kernel(
             mask = start + cols < N
             s = _load_row_chunk(x_row + start, res_row + start, cols, mask, HAS_RESIDUAL)
             _store_row_chunk(
-                s, rstd, w_ptr + start, out_row + start, res_out_row + start, cols, mask,
-                HAS_RESIDUAL, HAS_WEIGHT,
-            )  # fmt: skip
+                s,
+                rstd,
+                w_ptr + start,
+                out_row + start,
+                res_out_row + start,
+                cols,
+                mask,
+                HAS_RESIDUAL,
+                HAS_WEIGHT,
+            )
 
 
 def _check_inputs(
@@ -185,10 +204,12 @@ def _launch(
     whole_row = hidden <= _MAX_WHOLE_ROW
     block_n = triton.next_power_of_2(hidden) if whole_row else _CHUNK_BLOCK_N
     num_warps = min(16, max(1, block_n // 512))
+    has_residual = residual is not None
+    if not has_residual:
+        # Dummies: the kernel never touches them when HAS_RESIDUAL is False.
+        residual, residual_out = x, out
     r1, stride_x0, stride_x1 = _as_rows(x)
     _, stride_out0, stride_out1 = _as_rows(out)
-    if residual is None:
-        residual, residual_out = x, out
     _, stride_res0, stride_res1 = _as_rows(residual)
     _, stride_res_out0, stride_res_out1 = _as_rows(residual_out)
     _rms_norm_kernel[(num_rows,)](
@@ -209,7 +230,7 @@ def _launch(
         stride_res_out0,
         stride_res_out1,
         eps,
-        HAS_RESIDUAL=residual is not x,
+        HAS_RESIDUAL=has_residual,
         HAS_WEIGHT=weight is not None,
         BLOCK_N=block_n,
         WHOLE_ROW=whole_row,

@@ -1,12 +1,13 @@
 """Every place det_backend replaces a vLLM internal. Only this package touches vLLM internals.
 
-| patch                  | vLLM symbol                                              | why |
-|------------------------|----------------------------------------------------------|-----|
-| custom_ops             | (adds torch.ops.det_backend.*)                           | kernels stay whole under torch.compile |
-| linear                 | layers.linear.UnquantizedLinearMethod.apply              | cuBLAS split-K depends on M |
-| logits                 | layers.vocab_parallel_embedding.UnquantizedEmbeddingMethod.apply | lm_head GEMM, same |
-| rms_norm               | vllm.ir.ops.rms_norm / fused_add_rms_norm priority       | vllm_c block size depends on M |
-| batch_invariant_ops    | layers.batch_invariant.enable_batch_invariant_mode       | aten softmax/mean/bmm, cuBLAS workspace |
+- custom_ops: adds torch.ops.det_backend.{linear, rms_norm, fused_add_rms_norm}, so
+  torch.compile keeps our kernels whole.
+- linear: layers.linear.UnquantizedLinearMethod.apply (cuBLAS split-K depends on M).
+- logits: layers.vocab_parallel_embedding.UnquantizedEmbeddingMethod.apply (lm_head, same).
+- rms_norm: vllm.ir.ops.rms_norm / fused_add_rms_norm get provider "det", first and only
+  (vllm_c picks its block size from the row count).
+- batch_invariant_ops: layers.batch_invariant.enable_batch_invariant_mode (aten
+  softmax/log_softmax/mean/bmm overrides, cuBLAS workspace), reused as vLLM ships it.
 
 Each file says Why, How and the vLLM version it was checked against. `apply_all` runs in the
 worker when our attention backend is constructed (never at import, never when the backend is

@@ -80,6 +80,9 @@ def apply() -> None:
 
 
 def problems() -> list[str]:
-    missing = [n for n in ("linear", "rms_norm", "fused_add_rms_norm")
-               if not hasattr(torch.ops.det_backend, n)]
+    missing = [
+        n
+        for n in ("linear", "rms_norm", "fused_add_rms_norm")
+        if not hasattr(torch.ops.det_backend, n)
+    ]
     return [f"torch.ops.det_backend.{n} is not registered" for n in missing]

@@ -12,6 +12,7 @@ Checked against vLLM: 0.26.0.
 
 import torch
 
+
 def _det_apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
     return torch.ops.det_backend.linear(x, layer.weight, bias)
 

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import det_backend
 from det_backend.config import (
     DeterminismError,
     check_vllm_version,
@@ -84,13 +83,24 @@ def test_version_guard_names_the_version():
 
 def _fake_config(**overrides):
     model = dict(
-        dtype=torch.bfloat16, quantization=None, is_quantized=False,
-        architectures=["LlamaForCausalLM"], use_mla=False, is_moe=False,
-        is_encoder_decoder=False, is_hybrid=False, is_attention_free=False,
+        dtype=torch.bfloat16,
+        quantization=None,
+        is_quantized=False,
+        architectures=["LlamaForCausalLM"],
+        use_mla=False,
+        is_moe=False,
+        is_encoder_decoder=False,
+        is_hybrid=False,
+        is_attention_free=False,
     )
     model.update(overrides.pop("model", {}))
-    parallel = dict(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=1,
-                    decode_context_parallel_size=1, prefill_context_parallel_size=1)
+    parallel = dict(
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        data_parallel_size=1,
+        decode_context_parallel_size=1,
+        prefill_context_parallel_size=1,
+    )
     parallel.update(overrides.pop("parallel", {}))
     cfg = dict(
         model_config=SimpleNamespace(**model),
@@ -150,8 +160,15 @@ def test_supported_config_has_only_the_platform_problem(monkeypatch):
     ],
 )
 def test_layer_refusals_name_the_cause(kwargs, message):
-    args = dict(head_size=128, alibi_slopes=None, sliding_window=None, logits_soft_cap=None,
-                attn_type="decoder", sinks=None, kv_cache_dtype="auto")
+    args = dict(
+        head_size=128,
+        alibi_slopes=None,
+        sliding_window=None,
+        logits_soft_cap=None,
+        attn_type="decoder",
+        sinks=None,
+        kv_cache_dtype="auto",
+    )
     assert layer_problems(**args) == []
     args.update(kwargs)
     assert any(message in r for r in layer_problems(**args))
@@ -167,11 +184,22 @@ def test_impl_refuses_unsupported_layer_before_patching():
 def test_backend_validate_configuration_rejects_what_vllm_checks():
     from det_backend.backend import DetAttentionBackend
 
-    common = dict(kv_cache_dtype="auto", block_size=16, use_mla=False, has_sink=False,
-                  use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
-                  device_capability=None, attn_type="decoder", has_sliding_window=False,
-                  use_non_causal=False, use_batch_invariant=True, use_kv_connector=False,
-                  use_pcp=False)
+    common = dict(
+        kv_cache_dtype="auto",
+        block_size=16,
+        use_mla=False,
+        has_sink=False,
+        use_sparse=False,
+        use_mm_prefix=False,
+        use_per_head_quant_scales=False,
+        device_capability=None,
+        attn_type="decoder",
+        has_sliding_window=False,
+        use_non_causal=False,
+        use_batch_invariant=True,
+        use_kv_connector=False,
+        use_pcp=False,
+    )
     ok = DetAttentionBackend.validate_configuration(head_size=128, dtype=torch.bfloat16, **common)
     assert ok == []
     bad = DetAttentionBackend.validate_configuration(head_size=80, dtype=torch.float32, **common)
@@ -189,7 +217,8 @@ def test_patches_route_linear_and_rms_norm_through_our_kernels():
         assert patches.problems() != []
         for p in (custom_ops, linear, logits, rms_norm):
             p.apply(); p.apply()  # idempotent
-        assert custom_ops.problems() + linear.problems() + logits.problems() + rms_norm.problems() == []
+        for p in (custom_ops, linear, logits, rms_norm):
+            assert p.problems() == [], p.problems()
 
         from vllm.model_executor.layers.linear import UnquantizedLinearMethod
         from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
@@ -197,7 +226,8 @@ def test_patches_route_linear_and_rms_norm_through_our_kernels():
         g = torch.Generator().manual_seed(0)
         x = torch.randn(5, 64, generator=g).half()
         layer = torch.nn.Module()
-        layer.weight = torch.nn.Parameter((torch.randn(32, 64, generator=g) * 0.1).half(), requires_grad=False)
+        w = (torch.randn(32, 64, generator=g) * 0.1).half()
+        layer.weight = torch.nn.Parameter(w, requires_grad=False)
         bias = torch.randn(32, generator=g).half()
         for method in (UnquantizedLinearMethod(), UnquantizedEmbeddingMethod()):
             assert torch.equal(method.apply(layer, x, bias), matmul(x, layer.weight, bias))
