@@ -3,6 +3,7 @@
 # then run what is asked, writing logs and JSON under $OUT.
 #   bash benchmarks/gpu_run.sh kernels    gpu-marked kernel tests
 #   bash benchmarks/gpu_run.sh e2e        end-to-end engine test (+ e2e.json)
+#   bash benchmarks/gpu_run.sh smoke      the demo on the small model (16 prompts)
 #   bash benchmarks/gpu_run.sh all
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,13 +18,18 @@ export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 # Run from outside the checkout: its det_backend/ folder must not shadow the installed package.
 cd /tmp
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-what="${1:-all}"
+what=" ${*:-all} "
 rc=0
-if [[ $what == kernels || $what == all ]]; then
+if [[ $what == *" kernels "* || $what == *" all "* ]]; then
   python3 -m pytest -q -m "gpu and not slow" "$REPO/tests" -p no:cacheprovider 2>&1 | tee "$OUT/kernels.log"
   rc=$(( rc | ${PIPESTATUS[0]} ))
 fi
-if [[ $what == e2e || $what == all ]]; then
+if [[ $what == *" smoke "* || $what == *" all "* ]]; then
+  python3 -m det_backend.demo --config small --prompts 16 --max-tokens 32 --json "$OUT/smoke.json" \
+    2>&1 | tee "$OUT/smoke.log" | tail -40
+  rc=$(( rc | ${PIPESTATUS[0]} ))
+fi
+if [[ $what == *" e2e "* || $what == *" all "* ]]; then
   DET_RESULTS_DIR="$OUT" python3 -m pytest -q -s -m slow "$REPO/tests/test_e2e.py" -p no:cacheprovider 2>&1 \
     | tee "$OUT/e2e.log" | grep -v -E '^\s*$' | tail -60
   rc=$(( rc | ${PIPESTATUS[0]} ))

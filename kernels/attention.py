@@ -22,8 +22,6 @@ its prompt was chunked, on prefill vs decode, or on the launch mode):
   no host sync, CUDA-graph capturable.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -34,7 +32,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # Split mode keeps decode of a few long requests parallel; its fp32 workspace is capped so a
 # large batch falls back to single pass instead of allocating gigabytes.
 SPLIT_WORKSPACE_CAP_BYTES = 256 * 2**20
-SPLIT_MAX_TOKENS = 128
+SPLIT_MAX_TOKENS = 64
 # Rows (query tokens x query heads of one kv head) per program: 16 is the smallest tl.dot
 # accepts; prefill-heavy batches use 64 to reuse each K/V tile across more rows.
 DECODE_BLOCK_M = 16
@@ -50,13 +48,15 @@ def tile_n_for(head_size: int) -> int:
 
 def _launch_name(grid, kernel, args) -> dict:
     return {
-        "name": f"{kernel.name} [H={args['NUM_Q_HEADS']}, G={args['G']}, D={args['HEAD_SIZE']}, "
+        "name": f"{kernel.name} [H={args['NUM_Q_HEADS']}, D={args['HEAD_SIZE']}, "
         f"BLOCK_M={args.get('BLOCK_M', '-')}, grid={tuple(grid)}]"
     }
 
 
 @triton.jit
-def _find_request(cu_seqlens_q_ptr, index, num_seqs, BLOCK_Q: tl.constexpr, IN_BLOCKS: tl.constexpr):
+def _find_request(
+    cu_seqlens_q_ptr, index, num_seqs, BLOCK_Q: tl.constexpr, IN_BLOCKS: tl.constexpr
+):
     """Last request b whose start is <= index; starts count query tokens or, with IN_BLOCKS,
     query blocks (cu_seqlens_q[b] // BLOCK_Q + b, an upper bound needing no host sync)."""
     lo: tl.int32 = 0
@@ -120,7 +120,7 @@ def _attend_segment(
     # p @ ones: a row sum whose order is fixed by the MMA, not by the register layout.
     ones = tl.full([TILE_N, 16], 1.0, dtype=q.dtype)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_SIZE], dtype=tl.float32)
     tile_lo = seg * TILES_PER_SEGMENT
     tile_hi = tl.minimum(tile_lo + TILES_PER_SEGMENT, tl.cdiv(kv_end, TILE_N))
@@ -142,10 +142,10 @@ def _attend_segment(
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(tl.fma(qk, qk_scale, -m_ref[:, None])).to(q.dtype)
         alpha = tl.exp2(m - m_ref)
-        l = tl.fma(l, alpha, tl.max(tl.dot(p, ones), 1))
+        l_i = tl.fma(l_i, alpha, tl.max(tl.dot(p, ones), 1))
         acc = tl.dot(p, v, acc * alpha[:, None])
         m = m_new
-    return m, l, acc
+    return m, l_i, acc
 
 
 @triton.jit(launch_metadata=_launch_name)
@@ -221,28 +221,28 @@ def _paged_attention_kernel(
     block_table_row_ptr = block_table_ptr + seq_idx.to(tl.int64) * stride_bt
 
     if SPLIT:
-        m, l, acc = _attend_segment(
+        m_s, l_s, acc_s = _attend_segment(
             q, q_pos, seg, kv_end, seq_len, k_cache_ptr, v_cache_ptr, block_table_row_ptr,
             kv_head, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             BLOCK_SIZE, HEAD_SIZE, TILE_N, TILES_PER_SEGMENT, BLOCK_M,
         )  # fmt: skip
         ws_row = token * stride_wt + head * stride_wh + seg
-        tl.store(ws_m_ptr + ws_row, m, mask=row_ok)
-        tl.store(ws_l_ptr + ws_row, l, mask=row_ok)
+        tl.store(ws_m_ptr + ws_row, m_s, mask=row_ok)
+        tl.store(ws_l_ptr + ws_row, l_s, mask=row_ok)
         tl.store(
-            ws_acc_ptr + ws_row[:, None] * HEAD_SIZE + offs_d[None, :], acc, mask=row_ok[:, None]
+            ws_acc_ptr + ws_row[:, None] * HEAD_SIZE + offs_d[None, :], acc_s, mask=row_ok[:, None]
         )
     else:
         M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         L = tl.zeros([BLOCK_M], dtype=tl.float32)
         ACC = tl.zeros([BLOCK_M, HEAD_SIZE], dtype=tl.float32)
         for seg in range(0, num_segments):
-            m, l, acc = _attend_segment(
+            m_s, l_s, acc_s = _attend_segment(
                 q, q_pos, seg, kv_end, seq_len, k_cache_ptr, v_cache_ptr, block_table_row_ptr,
                 kv_head, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                 stride_vh, BLOCK_SIZE, HEAD_SIZE, TILE_N, TILES_PER_SEGMENT, BLOCK_M,
             )  # fmt: skip
-            M, L, ACC = _merge(M, L, ACC, m, l, acc)
+            M, L, ACC = _merge(M, L, ACC, m_s, l_s, acc_s)
         # Every real row sees position 0, so L > 0; padding rows are not stored.
         o = tl.div_rn(ACC, L[:, None])
         tl.store(
@@ -266,15 +266,13 @@ def _merge_segments_kernel(
     stride_wt,
     stride_wh,
     NUM_Q_HEADS: tl.constexpr,
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
+    H_PAD: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     SEGMENT: tl.constexpr,
 ):
-    """Split phase 2. Grid (tokens, kv heads): merge the token's segments 0..pos // SEGMENT in
-    increasing order with the same `_merge` as single pass, then normalise."""
+    """Split phase 2, one program per token (all its heads): merge the token's segments
+    0..pos // SEGMENT in increasing order with the same `_merge` as single pass, normalise."""
     token = tl.program_id(0)
-    kv_head = tl.program_id(1)
     # Tokens past the last request are batch padding (e.g. CUDA-graph buckets).
     if token >= tl.load(cu_seqlens_q_ptr + num_seqs):
         return
@@ -283,32 +281,34 @@ def _merge_segments_kernel(
     q_len = tl.load(cu_seqlens_q_ptr + seq_idx + 1) - q_start
     q_pos = tl.load(seq_lens_ptr + seq_idx) - q_len + (token - q_start)
 
-    offs_g = tl.arange(0, G_PAD)
+    head = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, HEAD_SIZE)
-    g_ok = offs_g < G
-    head = kv_head * G + offs_g
+    head_ok = head < NUM_Q_HEADS
     ws_row = token.to(tl.int64) * stride_wt + head * stride_wh
-    M = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-    L = tl.zeros([G_PAD], dtype=tl.float32)
-    ACC = tl.zeros([G_PAD, HEAD_SIZE], dtype=tl.float32)
+    M = tl.full([H_PAD], float("-inf"), dtype=tl.float32)
+    L = tl.zeros([H_PAD], dtype=tl.float32)
+    ACC = tl.zeros([H_PAD, HEAD_SIZE], dtype=tl.float32)
     for seg in range(0, q_pos // SEGMENT + 1):
-        m = tl.load(ws_m_ptr + ws_row + seg, mask=g_ok, other=float("-inf"))
-        l = tl.load(ws_l_ptr + ws_row + seg, mask=g_ok, other=0.0)
-        acc = tl.load(
+        m_s = tl.load(ws_m_ptr + ws_row + seg, mask=head_ok, other=float("-inf"))
+        l_s = tl.load(ws_l_ptr + ws_row + seg, mask=head_ok, other=0.0)
+        acc_s = tl.load(
             ws_acc_ptr + (ws_row + seg)[:, None] * HEAD_SIZE + offs_d[None, :],
-            mask=g_ok[:, None],
+            mask=head_ok[:, None],
             other=0.0,
         )
-        M, L, ACC = _merge(M, L, ACC, m, l, acc)
-    o = tl.div_rn(ACC, tl.where(g_ok, L, 1.0)[:, None])
+        M, L, ACC = _merge(M, L, ACC, m_s, l_s, acc_s)
+    o = tl.div_rn(ACC, tl.where(head_ok, L, 1.0)[:, None])
     tl.store(
         out_ptr + token.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         o.to(out_ptr.dtype.element_ty),
-        mask=g_ok[:, None],
+        mask=head_ok[:, None],
     )
 
 
-def _check(q, key_cache, value_cache, out, cu_seqlens_q, seq_lens, block_table, kv_split_size):
+def _check(
+    q, key_cache, value_cache, out, cu_seqlens_q, seq_lens, block_table, scale, kv_split_size,
+    max_num_segments,
+):  # fmt: skip
     if q.dim() != 3 or key_cache.dim() != 4:
         raise ValueError(
             "det_backend: paged_attention expects q [tokens, heads, head_size] and caches "
@@ -333,17 +333,25 @@ def _check(q, key_cache, value_cache, out, cu_seqlens_q, seq_lens, block_table, 
             f"det_backend: num_q_heads={q.shape[1]} is not a multiple of "
             f"num_kv_heads={key_cache.shape[2]}."
         )
-    dtypes = {t.dtype for t in (q, key_cache, value_cache, out)}
+    dtypes = {t.dtype for t in (q, key_cache, value_cache)}
     if len(dtypes) != 1 or q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            "det_backend: q, key_cache, value_cache and out must share one dtype among "
-            f"{SUPPORTED_DTYPES}; got {q.dtype}, {key_cache.dtype}, {value_cache.dtype}, "
-            f"{out.dtype}."
+            "det_backend: q, key_cache and value_cache must share one dtype among "
+            f"{SUPPORTED_DTYPES}; got {q.dtype}, {key_cache.dtype}, {value_cache.dtype}."
+        )
+    if out.dtype not in (q.dtype, torch.float32):
+        raise ValueError(
+            f"det_backend: out must be {q.dtype} (or float32, which tests use to compare the "
+            f"fp32 result before rounding); got {out.dtype}."
         )
     for name, t in (("q", q), ("key_cache", key_cache), ("value_cache", value_cache), ("out", out)):
         if t.stride(-1) != 1:
             raise ValueError(f"det_backend: {name} must be contiguous in its last dim.")
-    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens", seq_lens), ("block_table", block_table)):
+    for name, t in (
+        ("cu_seqlens_q", cu_seqlens_q),
+        ("seq_lens", seq_lens),
+        ("block_table", block_table),
+    ):
         if t.dtype != torch.int32:
             raise ValueError(f"det_backend: {name} must be int32, got {t.dtype}.")
     if cu_seqlens_q.shape[0] != seq_lens.shape[0] + 1 or block_table.shape[0] != seq_lens.shape[0]:
@@ -358,6 +366,11 @@ def _check(q, key_cache, value_cache, out, cu_seqlens_q, seq_lens, block_table, 
             f"det_backend: kv_split_size={kv_split_size} must be a positive multiple of "
             f"TILE_N={tile_n} (head_size {head_size})."
         )
+    if max_num_segments < 1:
+        raise ValueError(f"det_backend: max_num_segments={max_num_segments} must be >= 1.")
+    # The kernel takes each row's max before scaling, which needs scale > 0.
+    if not scale > 0:
+        raise ValueError(f"det_backend: softmax scale={scale} must be positive.")
 
 
 def _use_split(num_tokens, num_q_heads, head_size, max_seqlen_q, max_num_segments) -> bool:
@@ -388,8 +401,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of q over the paged KV cache; writes and returns `out`.
 
-    q, out: [num_tokens, num_q_heads, head_size] (any token/head strides); key_cache,
-    value_cache: [num_blocks, block_size, num_kv_heads, head_size] (any strides but the last).
+    q, out: [num_tokens, num_q_heads, head_size] (any token/head strides; out in q's dtype, or
+    float32); key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size] (any
+    strides but the last).
     cu_seqlens_q: [num_seqs + 1]; seq_lens: [num_seqs] total KV length including this step's
     tokens, whose K/V are already cached; block_table: [num_seqs, max_blocks_per_seq].
     max_num_segments must be >= cdiv(max(seq_lens), kv_split_size) (pass
@@ -397,10 +411,15 @@ def paged_attention(
     split / block_q force a launch mode / query-tile size; neither changes the bits. Rows of
     `out` past cu_seqlens_q[-1] (batch padding) are left untouched.
     """
-    _check(q, key_cache, value_cache, out, cu_seqlens_q, seq_lens, block_table, kv_split_size)
+    _check(
+        q, key_cache, value_cache, out, cu_seqlens_q, seq_lens, block_table, scale,
+        kv_split_size, max_num_segments,
+    )  # fmt: skip
     num_tokens, num_q_heads, head_size = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
     g = num_q_heads // num_kv_heads
     tile_n = tile_n_for(head_size)
     if split is None:
@@ -411,20 +430,17 @@ def paged_attention(
         raise ValueError(f"det_backend: block_q={block_q} must be >= 1.")
     block_m = max(16, triton.next_power_of_2(block_q * g))
     num_warps = 4 if block_m * head_size <= 64 * 128 else 8
+    # From shapes only: sum_b cdiv(q_len_b, BLOCK_Q) <= num_tokens // BLOCK_Q + num_seqs.
     num_q_blocks = num_tokens // block_q + num_seqs
-    if num_tokens == 0 or num_seqs == 0:
-        return out
 
+    ws_m = ws_l = ws_acc = None
+    grid = (num_q_blocks, num_kv_heads)
     if split:
-        ws_m = torch.empty(num_tokens, num_q_heads, max_num_segments, dtype=torch.float32, device=q.device)
+        ws_shape = (num_tokens, num_q_heads, max_num_segments)
+        ws_m = torch.empty(ws_shape, dtype=torch.float32, device=q.device)
         ws_l = torch.empty_like(ws_m)
-        ws_acc = torch.empty(
-            num_tokens, num_q_heads, max_num_segments, head_size, dtype=torch.float32, device=q.device
-        )
+        ws_acc = torch.empty((*ws_shape, head_size), dtype=torch.float32, device=q.device)
         grid = (num_q_blocks, num_kv_heads, max_num_segments)
-    else:
-        ws_m = ws_l = ws_acc = None
-        grid = (num_q_blocks, num_kv_heads)
     _paged_attention_kernel[grid](
         out, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table,
         ws_m, ws_l, ws_acc,
@@ -440,10 +456,10 @@ def paged_attention(
         num_warps=num_warps, num_stages=2, enable_fp_fusion=False,
     )  # fmt: skip
     if split:
-        _merge_segments_kernel[(num_tokens, num_kv_heads)](
+        _merge_segments_kernel[(num_tokens,)](
             out, ws_m, ws_l, ws_acc, cu_seqlens_q, seq_lens, num_seqs,
             out.stride(0), out.stride(1), max_num_segments * num_q_heads, max_num_segments,
-            NUM_Q_HEADS=num_q_heads, G=g, G_PAD=triton.next_power_of_2(g),
+            NUM_Q_HEADS=num_q_heads, H_PAD=triton.next_power_of_2(num_q_heads),
             HEAD_SIZE=head_size, SEGMENT=kv_split_size,
             num_warps=4, enable_fp_fusion=False,
         )  # fmt: skip
