@@ -20,6 +20,7 @@ def test_llama8b_alone_equals_batch_and_default_differs():
     result = compare("llama-3-8b", num_prompts=64, max_tokens=128)
     runs = {r["backend"]: r for r in result["runs"]}
     if os.environ.get("DET_RESULTS_DIR"):
+        result["command"] = "DET_RESULTS_DIR=DIR python -m pytest -m slow tests/test_e2e.py"
         Path(os.environ["DET_RESULTS_DIR"], "e2e.json").write_text(json.dumps(result, indent=2))
     det, default = runs["det"], runs["default"]
     assert det["identical_alone_vs_batch"] == det["prompts_alone"] == 64
