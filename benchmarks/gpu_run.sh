@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_run.sh kernels    gpu-marked kernel tests
 #   bash benchmarks/gpu_run.sh e2e        end-to-end engine test (+ e2e.json)
 #   bash benchmarks/gpu_run.sh smoke      the demo on the small model (16 prompts)
+#   bash benchmarks/gpu_run.sh gemm-sweep every candidate tile at every point (gemm_sweep.json)
+#   bash benchmarks/gpu_run.sh gemm       the GEMM benchmark with the committed table (gemm.json)
 #   bash benchmarks/gpu_run.sh all
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -32,6 +34,14 @@ fi
 if [[ $what == *" e2e "* || $what == *" all "* ]]; then
   DET_RESULTS_DIR="$OUT" python3 -m pytest -q -s -m slow "$REPO/tests/test_e2e.py" -p no:cacheprovider 2>&1 \
     | tee "$OUT/e2e.log" | grep -v -E '^\s*$' | tail -60
+  rc=$(( rc | ${PIPESTATUS[0]} ))
+fi
+if [[ $what == *" gemm-sweep "* ]]; then
+  python3 "$REPO/benchmarks/gemm.py" --sweep --out "$OUT/gemm_sweep.json" > "$OUT/gemm_sweep.log" 2>&1
+  rc=$(( rc | $? )); tail -5 "$OUT/gemm_sweep.log"
+fi
+if [[ $what == *" gemm "* ]]; then
+  python3 "$REPO/benchmarks/gemm.py" --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" | tail -130
   rc=$(( rc | ${PIPESTATUS[0]} ))
 fi
 exit $rc

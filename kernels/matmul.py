@@ -51,12 +51,33 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SMEM_BUDGET_BYTES = 192 * 1024
 
 
-def config_for_m(m: int) -> MatmulConfig:
-    """The first entry of MATMUL_CONFIGS whose max_m is >= m."""
-    for config in MATMUL_CONFIGS:
+# Per weight shape (N, K), a table of its own, measured by `benchmarks/gemm.py --sweep`;
+# shapes not listed use MATMUL_CONFIGS. Every entry of every table gives the same bits
+# (tests/test_matmul.py checks all_configs()), so this only moves time.
+MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {}
+
+
+def _first_fitting(table: tuple[MatmulConfig, ...], m: int) -> MatmulConfig:
+    for config in table:
         if m <= config.max_m:
             return config
     raise ValueError(f"det_backend: no matmul config for M={m}")
+
+
+def config_for_m(m: int) -> MatmulConfig:
+    """The first entry of MATMUL_CONFIGS whose max_m is >= m."""
+    return _first_fitting(MATMUL_CONFIGS, m)
+
+
+def config_for(m: int, n: int, k: int) -> MatmulConfig:
+    """The tile for an [m, k] x [k, n] product: the shape's own table, else MATMUL_CONFIGS."""
+    return _first_fitting(MATMUL_TABLE.get((n, k), MATMUL_CONFIGS), m)
+
+
+def all_configs() -> list[MatmulConfig]:
+    """Every distinct tile the launcher can pick (max_m aside)."""
+    tiles = {c._replace(max_m=0) for t in (MATMUL_CONFIGS, *MATMUL_TABLE.values()) for c in t}
+    return sorted(tiles)
 
 
 def _num_stages(config: MatmulConfig, element_size: int) -> int:
@@ -95,6 +116,7 @@ def _matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     # Grouped ordering (Triton tutorial 03): GROUP_M row-tiles share each column-tile of the
     # weight while it is in L2. It only changes which program computes a tile, not how.
@@ -123,10 +145,14 @@ def _matmul_kernel(
     # programs, so row m's sum is added in the same order whatever M is.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        # The K tail is padded with zeros, which add nothing to the sum.
-        k_mask = offs_k < K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            # The K tail is padded with zeros, which add nothing to the sum.
+            k_mask = offs_k < K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         # "ieee": fp32 inputs must not be rounded to TF32; 16-bit inputs are unaffected.
         acc = tl.dot(x, w, acc, input_precision="ieee")
         x_ptrs += BLOCK_K * stride_xk
@@ -193,7 +219,7 @@ def matmul(
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    cfg = config_for_m(M) if config is None else config
+    cfg = config_for(M, N, K) if config is None else config
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _matmul_kernel[grid](
         x,
@@ -214,6 +240,7 @@ def matmul(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
+        EVEN_K=K % cfg.block_k == 0,
         num_warps=cfg.num_warps,
         num_stages=_num_stages(cfg, x.element_size()),
     )

@@ -14,6 +14,8 @@ import pytest
 import torch
 from det_backend.kernels.matmul import (
     MATMUL_CONFIGS,
+    MATMUL_TABLE,
+    all_configs,
     config_for_m,
     matmul,
     matmul_reference,
@@ -32,9 +34,17 @@ def tolerance(dtype: torch.dtype, k: int) -> dict[str, float]:
 
 
 CPU_DTYPES = (torch.float16, torch.float32)
-MIN_BLOCK_K = min(c.block_k for c in MATMUL_CONFIGS)
-# Every M where config_for_m changes its answer, and one either side.
-BUCKET_EDGES = sorted({m for c in MATMUL_CONFIGS[:-1] for m in (c.max_m, c.max_m + 1)})
+# Every tile the launcher can pick, for any shape: the "every config" tests span these.
+ALL_CONFIGS = all_configs()
+MIN_BLOCK_K = min(c.block_k for c in ALL_CONFIGS)
+
+
+def bucket_edges(table=MATMUL_CONFIGS) -> list[int]:
+    """Every M where the table changes its answer, and the M just past it."""
+    return sorted({m for c in table[:-1] for m in (c.max_m, c.max_m + 1)})
+
+
+BUCKET_EDGES = bucket_edges()
 # Llama-3-8B linear layers, (N, K): qkv, o_proj, gate_up, down.
 LLAMA_WIDTHS = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 LM_HEAD = (128256, 4096)
@@ -134,8 +144,8 @@ def test_matmul_every_config_bitwise_equal(device, dtype, k, with_bias):
     x = randn(m, k, dtype=dtype, device=device, seed=8)
     w = randn(n, k, dtype=dtype, device=device, seed=9)
     bias = randn(n, dtype=dtype, device=device, seed=10) if with_bias else None
-    first, *rest = (matmul(x, w, bias, config=c) for c in MATMUL_CONFIGS)
-    for config, y in zip(MATMUL_CONFIGS[1:], rest, strict=True):
+    first, *rest = (matmul(x, w, bias, config=c) for c in ALL_CONFIGS)
+    for config, y in zip(ALL_CONFIGS[1:], rest, strict=True):
         assert torch.equal(y, first), config
 
 
@@ -229,9 +239,9 @@ def test_matmul_other_dtypes_gpu(device, dtype):
     m, n, k = 300, 1000, 1000
     x = randn(m, k, dtype=dtype, device=device, seed=25)
     w = randn(n, k, dtype=dtype, device=device, seed=26)
-    first, *rest = (matmul(x, w, config=c) for c in MATMUL_CONFIGS)
+    first, *rest = (matmul(x, w, config=c) for c in ALL_CONFIGS)
     torch.testing.assert_close(first.double(), matmul_reference(x, w), **tolerance(dtype, k))
-    for config, y in zip(MATMUL_CONFIGS[1:], rest, strict=True):
+    for config, y in zip(ALL_CONFIGS[1:], rest, strict=True):
         assert torch.equal(y, first), config
 
 
@@ -240,7 +250,8 @@ def test_matmul_other_dtypes_gpu(device, dtype):
 def test_matmul_batch_invariant_gpu(device, n, k):
     x = randn(max(GPU_MS), k, dtype=torch.bfloat16, device=device, seed=27)
     w = randn(n, k, dtype=torch.bfloat16, device=device, seed=28)
-    ms = sorted({*GPU_MS, *BUCKET_EDGES} - {max(GPU_MS)})
+    edges = bucket_edges(MATMUL_TABLE.get((n, k), MATMUL_CONFIGS))
+    ms = sorted({*GPU_MS, *edges} - {max(GPU_MS)})
     assert prefixes_that_change(lambda a: matmul(a, w), x, ms) == []
     bias = randn(n, dtype=torch.bfloat16, device=device, seed=29)
     assert prefixes_that_change(lambda a: matmul(a, w, bias), x[:300], (1, 17, 65, 129, 257)) == []
@@ -262,8 +273,8 @@ def test_matmul_every_config_bitwise_equal_gpu(device, n, k):
     w = randn(n, k, dtype=torch.bfloat16, device=device, seed=34)
     bias = randn(n, dtype=torch.bfloat16, device=device, seed=35)
     for b in (None, bias):
-        first, *rest = (matmul(x, w, b, config=c) for c in MATMUL_CONFIGS)
-        for config, y in zip(MATMUL_CONFIGS[1:], rest, strict=True):
+        first, *rest = (matmul(x, w, b, config=c) for c in ALL_CONFIGS)
+        for config, y in zip(ALL_CONFIGS[1:], rest, strict=True):
             assert torch.equal(y, first), config
 
 

@@ -1,0 +1,196 @@
+"""GEMM benchmark: our matmul vs cuBLAS (torch default) vs vLLM's batch-invariant matmul,
+bf16, Llama-3-8B and Qwen3-32B linear-layer shapes, M from 1 to 8192, side by side in one
+process on the same inputs.
+
+    python benchmarks/gemm.py --out gemm.json            # the table in kernels/matmul.py
+    python benchmarks/gemm.py --sweep --out sweep.json   # + every candidate tile, per point
+    python benchmarks/gemm.py --plot gemm.json           # PNG next to the JSON (no GPU needed)
+
+Speed-up = cuBLAS time / ours. The memory floor is the bytes every GEMM must move (x, weight,
+y once each) over the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+M_VALUES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# (model, layer, N, K) for y[M, N] = x[M, K] @ W[N, K].T
+SHAPES = (
+    ("llama-3-8b", "qkv", 6144, 4096),
+    ("llama-3-8b", "o", 4096, 4096),
+    ("llama-3-8b", "gate_up", 28672, 4096),
+    ("llama-3-8b", "down", 4096, 14336),
+    ("llama-3-8b", "lm_head", 128256, 4096),
+    ("qwen3-32b", "qkv", 10240, 5120),
+    ("qwen3-32b", "o", 5120, 8192),
+    ("qwen3-32b", "gate_up", 51200, 5120),
+    ("qwen3-32b", "down", 5120, 25600),
+)
+# Tile candidates for --sweep: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
+CANDIDATES = (
+    (16, 32, 128, 8, 4, 4),
+    (16, 32, 256, 8, 4, 3),
+    (16, 64, 128, 8, 4, 4),
+    (16, 64, 256, 8, 4, 3),
+    (16, 128, 128, 8, 4, 4),
+    (32, 64, 128, 8, 4, 4),
+    (32, 128, 128, 8, 4, 3),
+    (64, 64, 128, 8, 4, 4),
+    (64, 128, 64, 8, 4, 4),
+    (64, 128, 128, 8, 4, 3),
+    (64, 256, 64, 8, 8, 3),
+    (128, 128, 64, 8, 4, 4),
+    (128, 128, 64, 8, 8, 3),
+    (128, 256, 64, 8, 8, 3),
+    (128, 128, 128, 8, 8, 3),
+    (256, 128, 64, 8, 8, 3),
+)
+
+
+def _bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    import torch
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def run(sweep: bool, max_m: int) -> dict:
+    import torch
+    import triton
+    import vllm
+    from det_backend.kernels.matmul import MatmulConfig, config_for, matmul
+    from vllm.model_executor.layers.batch_invariant import matmul_persistent
+
+    bandwidth = copy_bandwidth()
+    points = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for model, layer, n, k in SHAPES:
+        w = torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
+        x_all = torch.randn(max_m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+        for m in (m for m in M_VALUES if m <= max_m):
+            x = x_all[:m]
+            ours = matmul(x, w)
+            point = {
+                "model": model,
+                "layer": layer,
+                "M": m,
+                "N": n,
+                "K": k,
+                "config": list(config_for(m, n, k)),
+                "ours_ms": _bench(lambda x=x, w=w: matmul(x, w)),
+                "cublas_ms": _bench(lambda x=x, w=w: torch.nn.functional.linear(x, w)),
+                # vLLM's VLLM_BATCH_INVARIANT linear on Hopper: its persistent Triton matmul.
+                "vllm_bi_ms": _bench(lambda x=x, w=w: matmul_persistent(x, w.t())),
+                "floor_ms": 2 * (m * k + n * k + m * n) / bandwidth * 1e3,
+            }
+            point["speedup_vs_cublas"] = point["cublas_ms"] / point["ours_ms"]
+            point["tflops"] = 2 * m * n * k / (point["ours_ms"] * 1e-3) / 1e12
+            if sweep:
+                point["candidates"] = {}
+                for c in CANDIDATES:
+                    if c[0] > max(16, triton.next_power_of_2(m)):
+                        continue
+                    cfg = MatmulConfig(max_m, *c)
+                    # A tile that changed the bits could never enter the table: record it.
+                    same = torch.equal(matmul(x, w, config=cfg), ours)
+                    ms = _bench(lambda x=x, w=w, cfg=cfg: matmul(x, w, config=cfg))
+                    point["candidates"][str(c)] = ms if same else None
+            points.append(point)
+            print(
+                f"{model:>10} {layer:>8} M={m:<5} ours {point['ours_ms']:.4f} ms  "
+                f"cuBLAS {point['cublas_ms']:.4f}  x{point['speedup_vs_cublas']:.2f}",
+                flush=True,
+            )
+    ratios = [p["speedup_vs_cublas"] for p in points]
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "vllm": vllm.__version__,
+        "git_sha": _git_sha(),
+        "command": " ".join(["python", *sys.argv]),
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "geomean_speedup_vs_cublas": math.exp(sum(map(math.log, ratios)) / len(ratios)),
+        "min_speedup_vs_cublas": min(ratios),
+        "points": points,
+    }
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def plot(path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(path).read_text())
+    shapes = sorted({(p["model"], p["layer"]) for p in data["points"]}, key=str)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    for ax, model in zip(axes, ("llama-3-8b", "qwen3-32b"), strict=True):
+        for mdl, layer in shapes:
+            if mdl != model:
+                continue
+            pts = [p for p in data["points"] if (p["model"], p["layer"]) == (mdl, layer)]
+            ax.plot([p["M"] for p in pts], [p["speedup_vs_cublas"] for p in pts], "o-", label=layer)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_title(model)
+        ax.legend()
+    axes[0].set_ylabel("cuBLAS time / ours (higher is better)")
+    fig.suptitle(
+        f"det_backend matmul vs cuBLAS, bf16, {data['gpu']} "
+        f"(geomean {data['geomean_speedup_vs_cublas']:.2f}x)"
+    )
+    fig.tight_layout()
+    fig.savefig(Path(path).with_suffix(".png"), dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="gemm.json")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--max-m", type=int, default=max(M_VALUES))
+    parser.add_argument("--plot", metavar="JSON")
+    args = parser.parse_args()
+    if args.plot:
+        plot(args.plot)
+        return
+    result = run(args.sweep, args.max_m)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(
+        f"geomean speed-up vs cuBLAS {result['geomean_speedup_vs_cublas']:.3f}, "
+        f"min {result['min_speedup_vs_cublas']:.3f} on {result['gpu']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
