@@ -69,7 +69,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def run(sweep: bool, max_m: int) -> dict:
+def run(sweep: bool, max_m: int, out: Path) -> dict:
     import torch
     import triton
     import vllm
@@ -111,6 +111,7 @@ def run(sweep: bool, max_m: int) -> dict:
                     ms = _bench(lambda x=x, w=w, cfg=cfg: matmul(x, w, config=cfg))
                     point["candidates"][str(c)] = ms if same else None
             points.append(point)
+            out.write_text(json.dumps({"partial": True, "points": points}))  # survives a timeout
             print(
                 f"{model:>10} {layer:>8} M={m:<5} ours {point['ours_ms']:.4f} ms  "
                 f"cuBLAS {point['cublas_ms']:.4f}  x{point['speedup_vs_cublas']:.2f}",
@@ -184,7 +185,7 @@ def main() -> None:
     if args.plot:
         plot(args.plot)
         return
-    result = run(args.sweep, args.max_m)
+    result = run(args.sweep, args.max_m, Path(args.out))
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(
         f"geomean speed-up vs cuBLAS {result['geomean_speedup_vs_cublas']:.3f}, "
