@@ -34,15 +34,18 @@ class MatmulConfig(NamedTuple):
 
 _ANY_M = 2**62
 
-# Starting points for H100, to be tuned on the GPU; picked by the real M at each launch (under
-# CUDA graph capture that is the padded batch size). Small M is memory bound: small BLOCK_N
-# gives enough programs to fill the 132 SMs.
+# Chosen per M bucket (an entry serves every M <= max_m not taken by an earlier one) from
+# `benchmarks/gemm.py --sweep` on an H200 (benchmarks/results/gemm_sweep_h200.json): for each
+# bucket, the tile with the best geometric-mean time over the Llama-3-8B and Qwen3-32B shapes.
+# Picked by the real M at each launch (under CUDA graph capture, the padded batch size).
 MATMUL_CONFIGS: tuple[MatmulConfig, ...] = (
-    MatmulConfig(16, 16, 64, 128, 8, 4, 4),
+    MatmulConfig(4, 16, 64, 256, 8, 4, 3),
+    MatmulConfig(16, 16, 32, 256, 8, 4, 3),
+    MatmulConfig(32, 16, 128, 128, 8, 4, 4),
     MatmulConfig(64, 64, 64, 128, 8, 4, 4),
     MatmulConfig(128, 64, 128, 64, 8, 4, 4),
-    MatmulConfig(256, 128, 128, 64, 8, 8, 3),
-    MatmulConfig(_ANY_M, 128, 256, 64, 8, 8, 3),
+    MatmulConfig(2048, 128, 128, 64, 8, 4, 4),
+    MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
 )
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,10 +54,120 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SMEM_BUDGET_BYTES = 192 * 1024
 
 
-# Per weight shape (N, K), a table of its own, measured by `benchmarks/gemm.py --sweep`;
-# shapes not listed use MATMUL_CONFIGS. Every entry of every table gives the same bits
-# (tests/test_matmul.py checks all_configs()), so this only moves time.
-MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {}
+# Per weight shape (N, K), a table of its own: the fastest tile at each M of the same sweep.
+# Shapes not listed use MATMUL_CONFIGS. Every tile of every table gives the same bits (the
+# sweep checked it at every point; tests/test_matmul.py checks all_configs()), so a table
+# only moves time.
+MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {
+    # llama-3-8b qkv
+    (6144, 4096): (
+        MatmulConfig(2, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(16, 16, 32, 256, 8, 4, 3),
+        MatmulConfig(32, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(64, 64, 64, 128, 8, 4, 4),
+        MatmulConfig(128, 64, 128, 128, 8, 4, 3),
+        MatmulConfig(256, 128, 128, 128, 8, 8, 3),
+        MatmulConfig(512, 128, 128, 64, 8, 8, 3),
+        MatmulConfig(2048, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+    ),
+    # llama-3-8b o
+    (4096, 4096): (
+        MatmulConfig(1, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(16, 16, 32, 256, 8, 4, 3),
+        MatmulConfig(32, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(128, 64, 64, 128, 8, 4, 4),
+        MatmulConfig(256, 64, 128, 128, 8, 4, 3),
+        MatmulConfig(512, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(1024, 128, 128, 64, 8, 8, 3),
+        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+    ),
+    # llama-3-8b gate_up
+    (28672, 4096): (
+        MatmulConfig(2, 16, 128, 128, 8, 4, 4),
+        MatmulConfig(8, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(16, 16, 128, 128, 8, 4, 4),
+        MatmulConfig(32, 32, 128, 128, 8, 4, 3),
+        MatmulConfig(64, 64, 128, 128, 8, 4, 3),
+        MatmulConfig(128, 128, 128, 64, 8, 8, 3),
+        MatmulConfig(256, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(1024, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+    ),
+    # llama-3-8b down
+    (4096, 14336): (
+        MatmulConfig(2, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(16, 16, 32, 256, 8, 4, 3),
+        MatmulConfig(32, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(128, 64, 64, 128, 8, 4, 4),
+        MatmulConfig(256, 64, 128, 128, 8, 4, 3),
+        MatmulConfig(1024, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(2048, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(_ANY_M, 128, 128, 64, 8, 4, 4),
+    ),
+    # llama-3-8b lm_head
+    (128256, 4096): (
+        MatmulConfig(1, 16, 128, 128, 8, 4, 4),
+        MatmulConfig(8, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(16, 16, 64, 128, 8, 4, 4),
+        MatmulConfig(32, 32, 128, 128, 8, 4, 3),
+        MatmulConfig(64, 64, 128, 64, 8, 4, 4),
+        MatmulConfig(256, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(512, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(1024, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+    ),
+    # qwen3-32b qkv
+    (10240, 5120): (
+        MatmulConfig(2, 16, 128, 128, 8, 4, 4),
+        MatmulConfig(4, 16, 32, 128, 8, 4, 4),
+        MatmulConfig(8, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(16, 16, 32, 256, 8, 4, 3),
+        MatmulConfig(32, 16, 64, 128, 8, 4, 4),
+        MatmulConfig(64, 64, 128, 128, 8, 4, 3),
+        MatmulConfig(128, 128, 128, 128, 8, 8, 3),
+        MatmulConfig(256, 128, 128, 64, 8, 8, 3),
+        MatmulConfig(1024, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(4096, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(_ANY_M, 128, 128, 64, 8, 4, 4),
+    ),
+    # qwen3-32b o
+    (5120, 8192): (
+        MatmulConfig(16, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(32, 16, 32, 256, 8, 4, 3),
+        MatmulConfig(64, 64, 64, 128, 8, 4, 4),
+        MatmulConfig(128, 64, 128, 128, 8, 4, 3),
+        MatmulConfig(256, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(512, 128, 128, 64, 8, 8, 3),
+        MatmulConfig(2048, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+    ),
+    # qwen3-32b gate_up
+    (51200, 5120): (
+        MatmulConfig(1, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(4, 16, 128, 128, 8, 4, 4),
+        MatmulConfig(16, 16, 32, 256, 8, 4, 3),
+        MatmulConfig(32, 32, 128, 128, 8, 4, 3),
+        MatmulConfig(64, 64, 128, 64, 8, 4, 4),
+        MatmulConfig(128, 128, 128, 64, 8, 8, 3),
+        MatmulConfig(1024, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(2048, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(4096, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+    ),
+    # qwen3-32b down
+    (5120, 25600): (
+        MatmulConfig(16, 16, 64, 256, 8, 4, 3),
+        MatmulConfig(32, 32, 64, 128, 8, 4, 4),
+        MatmulConfig(64, 64, 64, 128, 8, 4, 4),
+        MatmulConfig(128, 64, 128, 128, 8, 4, 3),
+        MatmulConfig(256, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(512, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(2048, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(4096, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(_ANY_M, 128, 128, 64, 8, 4, 4),
+    ),
+}
 
 
 def _first_fitting(table: tuple[MatmulConfig, ...], m: int) -> MatmulConfig:
