@@ -22,7 +22,12 @@ from importlib import resources
 from pathlib import Path
 
 CONFIGS = {"small": "llama-small.json", "llama-3-8b": "llama-3-8b.json"}
-BACKENDS = {"default": None, "det": "CUSTOM"}
+# name -> how its engine is made: attention backend, and environment for its process.
+BACKENDS = {
+    "default": {"attention_backend": None, "env": {}},
+    "vllm_batch_invariant": {"attention_backend": None, "env": {"VLLM_BATCH_INVARIANT": "1"}},
+    "det": {"attention_backend": "CUSTOM", "env": {}},
+}
 WEIGHT_STD = 0.02
 WEIGHT_SEED = 1234
 
@@ -71,57 +76,64 @@ def _outputs(request_outputs) -> list[dict]:
 
 
 def engine_worker(args: argparse.Namespace) -> None:
-    """One engine, one backend: batch twice, then each of the first `num_alone` prompts alone."""
+    """One engine, one backend, every workload of the plan. Per workload: a warm-up batch of
+    other prompts (pays Triton's JIT compiles), the timed batch (prompts not yet in the prefix
+    cache), the same batch again (served from the prefix cache), then prompts alone."""
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # for apply_model
     import torch
     import vllm
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    prompts = json.loads(Path(args.prompts_file).read_text())
+    plan = json.loads(Path(args.plan).read_text())
     kwargs = dict(
         model=args.model_dir,
         load_format="dummy",
         skip_tokenizer_init=True,
         dtype="bfloat16",
-        max_model_len=args.max_model_len,
+        max_model_len=plan["max_model_len"],
         max_num_seqs=256,
         gpu_memory_utilization=0.85,
         seed=0,
     )
-    if BACKENDS[args.engine_worker]:
-        kwargs["attention_backend"] = BACKENDS[args.engine_worker]
+    if BACKENDS[args.engine_worker]["attention_backend"]:
+        kwargs["attention_backend"] = BACKENDS[args.engine_worker]["attention_backend"]
     llm = LLM(**kwargs)
     llm.apply_model(reinit_weights)
-    params = SamplingParams(
-        temperature=0.0, max_tokens=args.max_tokens, logprobs=1, ignore_eos=True, detokenize=False
-    )
-    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-
-    print(f"[{args.engine_worker}] batch of {len(inputs)} prompts", flush=True)
-    batch = _outputs(llm.generate(inputs, params))
-    # Timed on the repeat: the first run also pays Triton's JIT compiles of our kernels.
-    print(f"[{args.engine_worker}] the same batch again (timed)", flush=True)
-    start = time.perf_counter()
-    batch2 = _outputs(llm.generate(inputs, params))
-    seconds = time.perf_counter() - start
-    alone = []
-    for i, p in enumerate(inputs[: args.num_alone]):
-        print(
-            f"\r[{args.engine_worker}] prompts alone: {i + 1}/{args.num_alone}", end="", flush=True
+    tag = f"[{args.engine_worker}]"
+    results = {}
+    for w in plan["workloads"]:
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=w["max_tokens"],
+            logprobs=1,
+            ignore_eos=True,
+            detokenize=False,
         )
-        alone += _outputs(llm.generate([p], params, use_tqdm=False))
-    print(flush=True)
-    result = {
-        "backend": args.engine_worker,
-        "tok_s": sum(len(o["tokens"]) for o in batch2) / seconds,
-        "batch_seconds": seconds,
-        "batch": batch,
-        "batch2": batch2,
-        "alone": alone,
-        "gpu": torch.cuda.get_device_name(),
-        "vllm": vllm.__version__,
-    }
-    Path(args.out).write_text(json.dumps(result))
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in w["prompts"]]
+        print(f"{tag} {w['name']}: warm-up batch", flush=True)
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in w["warmup_prompts"]], params)
+        print(f"{tag} {w['name']}: batch of {len(inputs)} prompts (timed)", flush=True)
+        start = time.perf_counter()
+        batch = _outputs(llm.generate(inputs, params))
+        seconds = time.perf_counter() - start
+        print(f"{tag} {w['name']}: the same batch again", flush=True)
+        batch2 = _outputs(llm.generate(inputs, params, use_tqdm=False))
+        alone = []
+        for i, p in enumerate(inputs[: w["num_alone"]]):
+            print(f"\r{tag} prompts alone: {i + 1}/{w['num_alone']}", end="", flush=True)
+            alone += _outputs(llm.generate([p], params, use_tqdm=False))
+        print(flush=True)
+        results[w["name"]] = {
+            "backend": args.engine_worker,
+            "tok_s": sum(len(o["tokens"]) for o in batch) / seconds,
+            "batch_seconds": seconds,
+            "batch": batch,
+            "batch2": batch2,
+            "alone": alone,
+            "gpu": torch.cuda.get_device_name(),
+            "vllm": vllm.__version__,
+        }
+    Path(args.out).write_text(json.dumps(results))
 
 
 def first_divergence(a: dict, b: dict) -> int | None:
@@ -137,7 +149,7 @@ def first_divergence(a: dict, b: dict) -> int | None:
 def summarize(run: dict) -> dict:
     alone_div = [first_divergence(a, b) for a, b in zip(run["alone"], run["batch"], strict=False)]
     repeat_div = [first_divergence(a, b) for a, b in zip(run["batch"], run["batch2"], strict=True)]
-    diverged = [d for d in alone_div if d is not None]
+    diverged = [d for d in alone_div + repeat_div if d is not None]
     return {
         "backend": run["backend"],
         "prompts_alone": len(alone_div),
@@ -151,29 +163,59 @@ def summarize(run: dict) -> dict:
     }
 
 
-def compare(
-    config: str = "small",
-    num_prompts: int = 64,
-    max_tokens: int = 128,
-    num_alone: int | None = None,
+def workload(
+    name: str,
+    num_prompts: int,
+    max_tokens: int,
+    num_alone: int,
+    vocab: int,
     min_len: int = 64,
     max_len: int = 512,
-    backends: tuple[str, ...] = ("default", "det"),
+) -> dict:
+    return {
+        "name": name,
+        "max_tokens": max_tokens,
+        "num_alone": num_alone,
+        "prompt_lengths": [min_len, max_len],
+        "prompts": make_prompts(num_prompts, min_len, max_len, vocab, seed=0),
+        "warmup_prompts": make_prompts(num_prompts, min_len, max_len, vocab, seed=1),
+    }
+
+
+def vocab_size(config: str) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(write_model_dir(config, tmp), "config.json").read_text())[
+            "vocab_size"
+        ]
+
+
+def run_backends(
+    config: str,
+    workloads: list[dict],
+    backends: tuple[str, ...],
+    alone_backends: tuple[str, ...] | None = None,
     verbose: bool = False,
 ) -> dict:
-    """Runs each backend in its own process on the same prompts and weights."""
-    num_alone = num_prompts if num_alone is None else num_alone
-    summaries = []
+    """Each backend in its own process (one engine per process), same prompts and weights.
+    Only `alone_backends` (default: all) also run prompts alone."""
+    result = {"config": config, "workloads": {}}
+    alone = backends if alone_backends is None else alone_backends
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(config, tmp)
-        vocab = json.loads(Path(model_dir, "config.json").read_text())["vocab_size"]
-        prompts_file = Path(tmp, "prompts.json")
-        prompts_file.write_text(json.dumps(make_prompts(num_prompts, min_len, max_len, vocab, 0)))
-        env = dict(os.environ)
-        if not verbose:
-            env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        max_len = max(w["prompt_lengths"][1] + w["max_tokens"] for w in workloads)
         for backend in backends:
-            out = Path(tmp, f"{backend}.json")
+            plan = {
+                "max_model_len": max_len + 64,
+                "workloads": [
+                    {**w, "num_alone": w["num_alone"] if backend in alone else 0}
+                    for w in workloads
+                ],
+            }
+            plan_file, out = Path(tmp, f"{backend}-plan.json"), Path(tmp, f"{backend}.json")
+            plan_file.write_text(json.dumps(plan))
+            env = {**os.environ, **BACKENDS[backend]["env"]}
+            if not verbose:
+                env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
             cmd = [
                 sys.executable,
                 "-m",
@@ -182,14 +224,8 @@ def compare(
                 backend,
                 "--model-dir",
                 model_dir,
-                "--prompts-file",
-                str(prompts_file),
-                "--max-tokens",
-                str(max_tokens),
-                "--num-alone",
-                str(num_alone),
-                "--max-model-len",
-                str(max_len + max_tokens + 64),
+                "--plan",
+                str(plan_file),
                 "--out",
                 str(out),
             ]
@@ -198,14 +234,35 @@ def compare(
                 flush=True,
             )
             subprocess.run(cmd, env=env, check=True)
-            summaries.append(summarize(json.loads(out.read_text())))
-    return {
-        "config": config,
-        "num_prompts": num_prompts,
-        "max_tokens": max_tokens,
-        "prompt_lengths": [min_len, max_len],
-        "runs": summaries,
-    }
+            for name, run in json.loads(out.read_text()).items():
+                entry = result["workloads"].setdefault(
+                    name,
+                    {
+                        "num_prompts": len(run["batch"]),
+                        "max_tokens": next(w["max_tokens"] for w in workloads if w["name"] == name),
+                        "prompt_lengths": next(
+                            w["prompt_lengths"] for w in workloads if w["name"] == name
+                        ),
+                        "runs": [],
+                    },
+                )
+                entry["runs"].append(summarize(run))
+    return result
+
+
+def compare(
+    config: str = "small",
+    num_prompts: int = 64,
+    max_tokens: int = 128,
+    num_alone: int | None = None,
+    backends: tuple[str, ...] = ("default", "det"),
+    verbose: bool = False,
+) -> dict:
+    """The demo's comparison: one workload, every prompt (or `num_alone`) also alone."""
+    num_alone = num_prompts if num_alone is None else num_alone
+    w = workload("main", num_prompts, max_tokens, num_alone, vocab_size(config))
+    result = run_backends(config, [w], backends, verbose=verbose)
+    return {"config": config, **result["workloads"]["main"]}
 
 
 def print_table(result: dict) -> None:
@@ -275,9 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the result here as JSON")
     parser.add_argument("--verbose", action="store_true", help="show vLLM's INFO logs")
     # Internal: one engine in this process.
-    for flag in ("--engine-worker", "--model-dir", "--prompts-file", "--out"):
+    for flag in ("--engine-worker", "--model-dir", "--plan", "--out"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
-    parser.add_argument("--max-model-len", type=int, default=1024, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.engine_worker:
         engine_worker(args)
