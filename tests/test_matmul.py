@@ -20,6 +20,7 @@ from det_backend.kernels.matmul import (
     matmul,
     matmul_reference,
 )
+from invariance import dtype_id, prefixes_that_change, randn
 
 _F32_EPS = torch.finfo(torch.float32).eps
 
@@ -49,21 +50,6 @@ BUCKET_EDGES = bucket_edges()
 LLAMA_WIDTHS = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 LM_HEAD = (128256, 4096)
 GPU_MS = (1, 2, 3, 7, 16, 17, 31, 32, 33, 64, 100, 128, 255, 256, 257, 512, 1000, 2048, 4096)
-
-
-def dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def randn(*shape: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
-    g = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=dtype, device=device)
-
-
-def prefixes_that_change(fn, x: torch.Tensor, ms) -> list[int]:
-    """The m in ms for which fn(x[:m]) is not bitwise fn(x)[:m]."""
-    full = fn(x)
-    return [m for m in ms if not torch.equal(fn(x[:m]), full[:m])]
 
 
 def split_k_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from det_backend.kernels.rms_norm import (
     rms_norm,
     rms_norm_reference,
 )
+from invariance import dtype_id, prefixes_that_change, randn
 
 _F32_EPS = torch.finfo(torch.float32).eps
 EPS = 1e-6
@@ -41,21 +42,6 @@ OTHER_DTYPE = {
 }
 CHUNKED_HIDDEN = _MAX_WHOLE_ROW + 3000  # walks the row in chunks, with a ragged last one
 GPU_MS = (1, 2, 3, 7, 16, 17, 31, 32, 33, 64, 100, 128, 255, 256, 257, 512, 1000, 2048, 4096)
-
-
-def dtype_id(dtype: torch.dtype | None) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def randn(*shape: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
-    g = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=dtype, device=device)
-
-
-def prefixes_that_change(fn, x: torch.Tensor, ms) -> list[int]:
-    """The m in ms for which fn(x[:m]) is not bitwise fn(x)[:m]."""
-    full = fn(x)
-    return [m for m in ms if not torch.equal(fn(x[:m]), full[:m])]
 
 
 def fused(x, residual, weight, variance_size=None):
