@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import subprocess
-import sys
 from pathlib import Path
+
+from harness import bench, copy_bandwidth, geomean, run_info, write_json
 
 M_VALUES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # (model, layer, N, K) for y[M, N] = x[M, K] @ W[N, K].T
@@ -53,26 +52,9 @@ CANDIDATES = (
 )
 
 
-def _bench(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    import torch
-
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = _bench(lambda: dst.copy_(src))
-    return 2 * src.numel() / (ms * 1e-3)
-
-
 def run(sweep: bool, max_m: int, out: Path) -> dict:
     import torch
     import triton
-    import vllm
     from det_backend.kernels.matmul import MatmulConfig, config_for, matmul
     from vllm.model_executor.layers.batch_invariant import matmul_persistent
 
@@ -92,10 +74,10 @@ def run(sweep: bool, max_m: int, out: Path) -> dict:
                 "N": n,
                 "K": k,
                 "config": list(config_for(m, n, k)),
-                "ours_ms": _bench(lambda x=x, w=w: matmul(x, w)),
-                "cublas_ms": _bench(lambda x=x, w=w: torch.nn.functional.linear(x, w)),
+                "ours_ms": bench(lambda x=x, w=w: matmul(x, w)),
+                "cublas_ms": bench(lambda x=x, w=w: torch.nn.functional.linear(x, w)),
                 # vLLM's VLLM_BATCH_INVARIANT linear on Hopper: its persistent Triton matmul.
-                "vllm_bi_ms": _bench(lambda x=x, w=w: matmul_persistent(x, w.t())),
+                "vllm_bi_ms": bench(lambda x=x, w=w: matmul_persistent(x, w.t())),
                 "floor_ms": 2 * (m * k + n * k + m * n) / bandwidth * 1e3,
             }
             point["speedup_vs_cublas"] = point["cublas_ms"] / point["ours_ms"]
@@ -108,7 +90,7 @@ def run(sweep: bool, max_m: int, out: Path) -> dict:
                     cfg = MatmulConfig(max_m, *c)
                     # A tile that changed the bits could never enter the table: record it.
                     same = torch.equal(matmul(x, w, config=cfg), ours)
-                    ms = _bench(lambda x=x, w=w, cfg=cfg: matmul(x, w, config=cfg))
+                    ms = bench(lambda x=x, w=w, cfg=cfg: matmul(x, w, config=cfg))
                     point["candidates"][str(c)] = ms if same else None
             points.append(point)
             out.write_text(json.dumps({"partial": True, "points": points}))  # survives a timeout
@@ -119,29 +101,12 @@ def run(sweep: bool, max_m: int, out: Path) -> dict:
             )
     ratios = [p["speedup_vs_cublas"] for p in points]
     return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "vllm": vllm.__version__,
-        "git_sha": _git_sha(),
-        "command": " ".join(["python", *sys.argv]),
+        **run_info(),
         "copy_bandwidth_GBps": bandwidth / 1e9,
-        "geomean_speedup_vs_cublas": math.exp(sum(map(math.log, ratios)) / len(ratios)),
+        "geomean_speedup_vs_cublas": geomean(ratios),
         "min_speedup_vs_cublas": min(ratios),
         "points": points,
     }
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def plot(path: str) -> None:
@@ -186,7 +151,7 @@ def main() -> None:
         plot(args.plot)
         return
     result = run(args.sweep, args.max_m, Path(args.out))
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     print(
         f"geomean speed-up vs cuBLAS {result['geomean_speedup_vs_cublas']:.3f}, "
         f"min {result['min_speedup_vs_cublas']:.3f} on {result['gpu']}"

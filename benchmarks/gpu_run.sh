@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_run.sh smoke      the demo on the small model (16 prompts)
 #   bash benchmarks/gpu_run.sh gemm-sweep every candidate tile at every point (gemm_sweep.json)
 #   bash benchmarks/gpu_run.sh gemm       the GEMM benchmark with the committed table (gemm.json)
+#   bash benchmarks/gpu_run.sh rmsnorm    RMSNorm vs vLLM's CUDA ops (rmsnorm.json)
+#   bash benchmarks/gpu_run.sh attention  attention vs FA3 (attention.json)
 #   bash benchmarks/gpu_run.sh ab         end-to-end throughput A/B (ab_throughput.json)
 #   bash benchmarks/gpu_run.sh all
 set -uo pipefail
@@ -45,6 +47,12 @@ if [[ $what == *" gemm "* ]]; then
   python3 "$REPO/benchmarks/gemm.py" --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" | tail -130
   rc=$(( rc | ${PIPESTATUS[0]} ))
 fi
+for bench in rmsnorm attention; do
+  if [[ $what == *" $bench "* ]]; then
+    python3 "$REPO/benchmarks/$bench.py" --out "$OUT/$bench.json" > "$OUT/$bench.log" 2>&1
+    rc=$(( rc | $? )); tail -4 "$OUT/$bench.log"
+  fi
+done
 if [[ $what == *" ab "* ]]; then
   python3 "$REPO/benchmarks/ab_throughput.py" --out "$OUT/ab_throughput.json" > "$OUT/ab.log" 2>&1
   rc=$(( rc | $? )); grep -E "tok/s|Error|error" "$OUT/ab.log" | tail -20

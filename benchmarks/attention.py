@@ -1,0 +1,208 @@
+"""Attention benchmark: our paged attention vs FlashAttention-3 as vLLM calls it by default,
+and FA3 with num_splits=1 (what VLLM_BATCH_INVARIANT uses), GQA 32/8 heads of 128, bf16,
+paged KV (block 16, blocks shuffled), in one process on the same inputs.
+
+    python benchmarks/attention.py --out attention.json
+    python benchmarks/attention.py --plot attention.json
+
+Workloads: decode (batch 1..256, context 512..32k) and prefill (1k..16k new tokens, alone
+and mixed with 64 decodes). Speed-up = FA3 default time / ours. vLLM's Triton unified
+attention is not measured here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from harness import bench, copy_bandwidth, geomean, run_info, write_json
+
+Q_HEADS, KV_HEADS, HEAD = 32, 8, 128
+BLOCK = 16
+DECODE_BATCH = (1, 8, 32, 64, 128, 256)
+DECODE_CONTEXT = (512, 2048, 8192, 32768)
+PREFILL_TOKENS = (1024, 4096, 16384)
+
+
+def make_inputs(specs: list[tuple[int, int]], seed: int) -> dict:
+    """specs: (query tokens, total KV length) per request."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dev, dt = "cuda", torch.bfloat16
+    num_tokens = sum(q for q, _ in specs)
+    blocks = [math.ceil(s / BLOCK) for _, s in specs]
+    num_blocks = sum(blocks)
+    kv = torch.randn(num_blocks, KV_HEADS, BLOCK, 2 * HEAD, generator=gen, device=dev, dtype=dt)
+    key_cache, value_cache = kv.transpose(1, 2).split(HEAD, dim=-1)  # vLLM's layout
+    perm = torch.randperm(num_blocks, generator=gen, device=dev).to(torch.int32)
+    table = torch.zeros(len(specs), max(blocks), dtype=torch.int32, device=dev)
+    used = 0
+    for b, n in enumerate(blocks):
+        table[b, :n] = perm[used : used + n]
+        used += n
+    cu = torch.zeros(len(specs) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor([q for q, _ in specs]), 0)
+    return {
+        "q": torch.randn(num_tokens, Q_HEADS, HEAD, generator=gen, device=dev, dtype=dt),
+        "out": torch.empty(num_tokens, Q_HEADS, HEAD, device=dev, dtype=dt),
+        "k": key_cache,
+        "v": value_cache,
+        "table": table,
+        "cu": cu.to(dev),
+        "seq_lens": torch.tensor([s for _, s in specs], dtype=torch.int32, device=dev),
+        "max_q": max(q for q, _ in specs),
+        "max_k": max(s for _, s in specs),
+    }
+
+
+def providers(t: dict) -> dict:
+    from det_backend.kernels.attention import KV_SPLIT_SIZE, paged_attention
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    scale = HEAD**-0.5
+
+    def fa3(num_splits: int):
+        return lambda: flash_attn_varlen_func(
+            t["q"],
+            t["k"],
+            t["v"],
+            t["max_q"],
+            t["cu"],
+            t["max_k"],
+            seqused_k=t["seq_lens"],
+            softmax_scale=scale,
+            causal=True,
+            block_table=t["table"],
+            out=t["out"],
+            fa_version=3,
+            num_splits=num_splits,
+        )
+
+    return {
+        "ours": lambda: paged_attention(
+            t["q"],
+            t["k"],
+            t["v"],
+            t["out"],
+            t["cu"],
+            t["seq_lens"],
+            t["table"],
+            scale,
+            t["max_q"],
+            math.ceil(t["max_k"] / KV_SPLIT_SIZE),
+        ),
+        "fa3_default": fa3(0),
+        "fa3_num_splits_1": fa3(1),
+    }
+
+
+def measure(kind: str, specs: list[tuple[int, int]], label: dict, bandwidth: float) -> dict:
+    t = make_inputs(specs, seed=len(specs))
+    times = {name: bench(fn) for name, fn in providers(t).items()}
+    kv_bytes = sum(s for _, s in specs) * KV_HEADS * HEAD * 2 * 2
+    # causal: query i of a request attends (context + i + 1) keys
+    flops = sum(4 * Q_HEADS * HEAD * (q * (s - q) + q * (q + 1) / 2) for q, s in specs)
+    p = {
+        "kind": kind,
+        **label,
+        **{f"{k}_ms": v for k, v in times.items()},
+        "speedup_vs_fa3": times["fa3_default"] / times["ours"],
+        "speedup_vs_fa3_num_splits_1": times["fa3_num_splits_1"] / times["ours"],
+        "ours_kv_GBps": kv_bytes / (times["ours"] * 1e-3) / 1e9,
+        "ours_tflops": flops / (times["ours"] * 1e-3) / 1e12,
+        "kv_floor_ms": kv_bytes / bandwidth * 1e3,
+    }
+    print(
+        f"{kind:>8} {label}  ours {times['ours']:.3f} ms  FA3 {times['fa3_default']:.3f}  "
+        f"FA3/1 {times['fa3_num_splits_1']:.3f}  x{p['speedup_vs_fa3']:.2f}",
+        flush=True,
+    )
+    return p
+
+
+def run() -> dict:
+    bandwidth = copy_bandwidth()
+    points = []
+    for ctx in DECODE_CONTEXT:
+        for batch in DECODE_BATCH:
+            points.append(
+                measure("decode", [(1, ctx)] * batch, {"batch": batch, "context": ctx}, bandwidth)
+            )
+    for tokens in PREFILL_TOKENS:
+        prompts = [(2048, 2048)] * (tokens // 2048) or [(tokens, tokens)]
+        points.append(measure("prefill", prompts, {"tokens": tokens, "decodes": 0}, bandwidth))
+        points.append(
+            measure(
+                "mixed", prompts + [(1, 2048)] * 64, {"tokens": tokens, "decodes": 64}, bandwidth
+            )
+        )
+    decode = [p["speedup_vs_fa3"] for p in points if p["kind"] == "decode"]
+    prefill = [p["speedup_vs_fa3"] for p in points if p["kind"] != "decode"]
+    return {
+        **run_info(),
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "heads": [Q_HEADS, KV_HEADS, HEAD],
+        "block_size": BLOCK,
+        "decode_geomean_speedup_vs_fa3": geomean(decode),
+        "prefill_geomean_speedup_vs_fa3": geomean(prefill),
+        "points": points,
+    }
+
+
+def plot(path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(path).read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ctx in DECODE_CONTEXT:
+        pts = [p for p in data["points"] if p["kind"] == "decode" and p["context"] == ctx]
+        axes[0].plot(
+            [p["batch"] for p in pts],
+            [p["speedup_vs_fa3"] for p in pts],
+            "o-",
+            label=f"context {ctx}",
+        )
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("decode batch")
+    for kind in ("prefill", "mixed"):
+        pts = [p for p in data["points"] if p["kind"] == kind]
+        axes[1].plot(
+            [p["tokens"] for p in pts], [p["speedup_vs_fa3"] for p in pts], "o-", label=kind
+        )
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("new prefill tokens")
+    for ax in axes:
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_ylabel("FA3 time / ours (higher is better)")
+        ax.legend()
+    fig.suptitle(f"det_backend attention vs FlashAttention-3 (vLLM default), {data['gpu']}")
+    fig.tight_layout()
+    fig.savefig(Path(path).with_suffix(".png"), dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="attention.json")
+    parser.add_argument("--plot", metavar="JSON")
+    args = parser.parse_args()
+    if args.plot:
+        plot(args.plot)
+        return
+    result = run()
+    write_json(args.out, result)
+    print(
+        f"decode geomean vs FA3 {result['decode_geomean_speedup_vs_fa3']:.3f}, prefill "
+        f"{result['prefill_geomean_speedup_vs_fa3']:.3f} on {result['gpu']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

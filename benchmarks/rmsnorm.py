@@ -1,0 +1,127 @@
+"""RMSNorm benchmark: ours vs vLLM's CUDA `rms_norm` and `fused_add_rms_norm` (the `vllm_c`
+provider), bf16, tokens 1..16384, hidden 4096 / 5120 / 8192, in one process, same inputs.
+
+    python benchmarks/rmsnorm.py --out rmsnorm.json
+    python benchmarks/rmsnorm.py --plot rmsnorm.json
+
+Speed-up = vLLM time / ours; GB/s counts each tensor read or written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from harness import bench, copy_bandwidth, geomean, run_info, write_json
+
+TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+HIDDEN = (4096, 5120, 8192)
+EPS = 1e-5
+
+
+def run() -> dict:
+    import torch
+    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
+    from det_backend.kernels.rms_norm import fused_add_rms_norm, rms_norm
+
+    bandwidth = copy_bandwidth()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    points = []
+    for hidden in HIDDEN:
+        w = torch.randn(hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+        for tokens in TOKENS:
+            x = torch.randn(tokens, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+            res = torch.randn_like(x)
+            out = torch.empty_like(x)
+            # vLLM's fused op works in place: it keeps adding into the same buffers, which
+            # changes values, not the work done.
+            xv, rv = x.clone(), res.clone()
+            cases = {
+                "rms_norm": (
+                    lambda x=x, w=w: rms_norm(x, w, EPS),
+                    lambda x=x, w=w, out=out: torch.ops._C.rms_norm(out, x, w, EPS),
+                    2,
+                ),
+                "fused_add_rms_norm": (
+                    lambda x=x, res=res, w=w: fused_add_rms_norm(x, res, w, EPS),
+                    lambda xv=xv, rv=rv, w=w: torch.ops._C.fused_add_rms_norm(xv, rv, w, EPS),
+                    4,
+                ),
+            }
+            for op, (ours, theirs, tensors) in cases.items():
+                nbytes = tensors * x.numel() * x.element_size()
+                p = {
+                    "op": op,
+                    "tokens": tokens,
+                    "hidden": hidden,
+                    "ours_ms": bench(ours),
+                    "vllm_ms": bench(theirs),
+                }
+                p["speedup_vs_vllm"] = p["vllm_ms"] / p["ours_ms"]
+                p["ours_GBps"] = nbytes / (p["ours_ms"] * 1e-3) / 1e9
+                p["floor_ms"] = nbytes / bandwidth * 1e3
+                points.append(p)
+                print(
+                    f"{op:>18} T={tokens:<6} H={hidden} ours {p['ours_ms']:.4f} ms  "
+                    f"vLLM {p['vllm_ms']:.4f}  x{p['speedup_vs_vllm']:.2f}",
+                    flush=True,
+                )
+    ratios = [p["speedup_vs_vllm"] for p in points]
+    return {
+        **run_info(),
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "geomean_speedup_vs_vllm": geomean(ratios),
+        "min_speedup_vs_vllm": min(ratios),
+        "points": points,
+    }
+
+
+def plot(path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(path).read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, op in zip(axes, ("rms_norm", "fused_add_rms_norm"), strict=True):
+        for hidden in HIDDEN:
+            pts = [p for p in data["points"] if p["op"] == op and p["hidden"] == hidden]
+            ax.plot(
+                [p["tokens"] for p in pts],
+                [p["speedup_vs_vllm"] for p in pts],
+                "o-",
+                label=f"hidden {hidden}",
+            )
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_title(op)
+        ax.legend()
+    axes[0].set_ylabel("vLLM time / ours (higher is better)")
+    fig.suptitle(f"det_backend RMSNorm vs vLLM CUDA, bf16, {data['gpu']}")
+    fig.tight_layout()
+    fig.savefig(Path(path).with_suffix(".png"), dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="rmsnorm.json")
+    parser.add_argument("--plot", metavar="JSON")
+    args = parser.parse_args()
+    if args.plot:
+        plot(args.plot)
+        return
+    result = run()
+    write_json(args.out, result)
+    print(
+        f"geomean speed-up vs vLLM {result['geomean_speedup_vs_vllm']:.3f}, "
+        f"min {result['min_speedup_vs_vllm']:.3f} on {result['gpu']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
