@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import patches
 from .config import DeterminismError, check_vllm_version, config_problems
+from .fingerprint import fingerprint
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -33,9 +34,18 @@ def enable(vllm_config: VllmConfig) -> None:
         vllm_config.model_config.disable_cascade_attn = True
         patches.apply_all(vllm_config)
         _enabled = True
+        _log_fingerprint(vllm_config)
     missing = patches.problems()
     if missing:
         raise RuntimeError(
             "det_backend: a replacement deterministic mode relies on is not in place: "
             + "; ".join(missing)
         )
+
+
+def _log_fingerprint(vllm_config: VllmConfig) -> None:
+    import torch
+    from vllm.logger import init_logger
+
+    info = fingerprint(vllm_config.model_config.dtype, torch.cuda.get_device_name())
+    init_logger(__name__).info("det_backend: deterministic mode on: %s", info)

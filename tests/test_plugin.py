@@ -239,3 +239,14 @@ def test_patches_route_linear_and_rms_norm_through_our_kernels():
         """
     )
     assert out.strip().endswith("ok")
+
+
+def test_fingerprint_names_the_code():
+    from det_backend import __version__
+    from det_backend.fingerprint import fingerprint, fingerprint_string, kernel_hash
+
+    info = fingerprint("torch.bfloat16", "NVIDIA H200")
+    assert info["det_backend"] == __version__
+    assert info["kernels"] == kernel_hash() and len(kernel_hash()) == 12
+    assert info["dtype"] == "bfloat16" and info["gpu"] == "NVIDIA H200"
+    assert fingerprint_string() == f"det-{__version__}-{kernel_hash()}"
