@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU host (see README "GPU host"): install this checkout next to the staged vLLM,
+# On the lent GPU host (README, "Benchmarks"): install this checkout next to the staged vLLM,
 # then run what is asked, writing logs and JSON under $OUT.
 #   bash benchmarks/gpu_run.sh kernels    gpu-marked kernel tests
 #   bash benchmarks/gpu_run.sh e2e        end-to-end engine test (+ e2e.json)
