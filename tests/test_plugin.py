@@ -250,3 +250,13 @@ def test_fingerprint_names_the_code():
     assert info["kernels"] == kernel_hash() and len(kernel_hash()) == 12
     assert info["dtype"] == "bfloat16" and info["gpu"] == "NVIDIA H200"
     assert fingerprint_string() == f"det-{__version__}-{kernel_hash()}"
+
+
+def test_cli_prints_fingerprint_and_usage(capsys):
+    from det_backend.cli import cli
+    from det_backend.fingerprint import fingerprint_string
+
+    assert cli(["fingerprint"]) == 0
+    assert capsys.readouterr().out.strip() == fingerprint_string()
+    assert cli([]) == 2
+    assert "det-backend {drift,fingerprint}" in capsys.readouterr().err
