@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_run.sh gemm       the GEMM benchmark with the committed table (gemm.json)
 #   bash benchmarks/gpu_run.sh rmsnorm    RMSNorm vs vLLM's CUDA ops (rmsnorm.json)
 #   bash benchmarks/gpu_run.sh attention  attention vs FA3 (attention.json)
+#   bash benchmarks/gpu_run.sh matrix     invariance matrix through vllm serve (invariance_matrix.json)
 #   bash benchmarks/gpu_run.sh ab         end-to-end throughput A/B (ab_throughput.json)
 #   bash benchmarks/gpu_run.sh all
 set -uo pipefail
@@ -46,6 +47,11 @@ fi
 if [[ $what == *" gemm "* ]]; then
   python3 "$REPO/benchmarks/gemm.py" --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" | tail -130
   rc=$(( rc | ${PIPESTATUS[0]} ))
+fi
+if [[ $what == *" matrix "* ]]; then
+  DET_RESULTS_DIR="$OUT" python3 -m pytest -q -m slow "$REPO/tests/test_serve_matrix.py" \
+    -p no:cacheprovider > "$OUT/matrix.log" 2>&1
+  rc=$(( rc | $? )); tail -15 "$OUT/matrix.log"
 fi
 for bench in rmsnorm attention; do
   if [[ $what == *" $bench "* ]]; then

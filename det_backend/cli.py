@@ -1,13 +1,14 @@
 """`det-backend COMMAND ...`, the console script.
 
-    det-backend drift ...       measure determinism of an endpoint (det_backend.drift)
-    det-backend fingerprint     print det-<version>-<kernel hash>, for vLLM's
-                                --fingerprint-mode custom --fingerprint-value
+det-backend drift ...       measure determinism of an endpoint (det_backend.drift)
+det-backend matrix ...      the invariance matrix through `vllm serve` (det_backend.matrix)
+det-backend fingerprint     print det-<version>-<kernel hash>, for vLLM's
+                            --fingerprint-mode custom --fingerprint-value
 """
 
 import sys
 
-from . import drift
+from . import drift, matrix
 
 
 def _fingerprint(argv: list[str], prog: str) -> int:
@@ -17,7 +18,7 @@ def _fingerprint(argv: list[str], prog: str) -> int:
     return 0
 
 
-COMMANDS = {"drift": drift.main, "fingerprint": _fingerprint}
+COMMANDS = {"drift": drift.main, "matrix": matrix.main, "fingerprint": _fingerprint}
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -21,7 +21,11 @@ import time
 from importlib import resources
 from pathlib import Path
 
-CONFIGS = {"small": "llama-small.json", "llama-3-8b": "llama-3-8b.json"}
+CONFIGS = {
+    "small": "llama-small.json",
+    "llama-3-8b": "llama-3-8b.json",
+    "qwen3-8b": "qwen3-8b.json",
+}
 # name -> how its engine is made: attention backend, and environment for its process.
 BACKENDS = {
     "default": {"attention_backend": None, "env": {}},
@@ -207,8 +211,7 @@ def run_backends(
             plan = {
                 "max_model_len": max_len + 64,
                 "workloads": [
-                    {**w, "num_alone": w["num_alone"] if backend in alone else 0}
-                    for w in workloads
+                    {**w, "num_alone": w["num_alone"] if backend in alone else 0} for w in workloads
                 ],
             }
             plan_file, out = Path(tmp, f"{backend}-plan.json"), Path(tmp, f"{backend}.json")

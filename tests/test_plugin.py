@@ -259,4 +259,4 @@ def test_cli_prints_fingerprint_and_usage(capsys):
     assert cli(["fingerprint"]) == 0
     assert capsys.readouterr().out.strip() == fingerprint_string()
     assert cli([]) == 2
-    assert "det-backend {drift,fingerprint}" in capsys.readouterr().err
+    assert "det-backend {drift,matrix,fingerprint}" in capsys.readouterr().err

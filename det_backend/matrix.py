@@ -1,0 +1,248 @@
+"""`det-backend matrix`: the invariance matrix through a real `vllm serve`, on a CUDA GPU.
+
+For each model shape and each variant (our backend, and vLLM's default as the control), a
+reference pass sends every prompt alone and in order to a fresh server; each cell then
+changes one dimension and counts the prompts whose tokens and logprobs are bit-identical to
+the reference:
+
+    prefix_cache_warm    the same prompts again on the same server: prefix-cache hits
+    batch_256            all prompts at once (prompts share prefixes of 0..384 tokens)
+    concurrency_64       1000 requests from 64 clients, prompts cycled
+    chunked_prefill_N    a server with --max-num-batched-tokens N (256, 2048, 8192)
+    preemption           a server with few KV blocks, all prompts at once
+    restart              a new server process, prompts alone again
+
+Checkpoints are written with transformers from a bundled config (fewer layers, same widths)
+and realistic random weights (normal, std 0.02; norm weights 1), served with
+--skip-tokenizer-init; prompts are token ids, logprobs asked with return_tokens_as_token_ids.
+
+    det-backend matrix --out invariance_matrix.json [--models llama-3-8b,qwen3-8b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import drift
+from .demo import reinit_weights, write_model_dir
+
+MODELS = ("llama-3-8b", "qwen3-8b")
+VARIANTS = {"det": ["--attention-backend", "CUSTOM"], "default": []}
+CHUNK_SIZES = (256, 2048, 8192)
+NUM_PROMPTS = 256
+MAX_TOKENS = 64
+SERVE_TIMEOUT_S = 900
+
+
+def make_prompts(vocab: int, seed: int = 0) -> list[drift.Prompt]:
+    """32 groups of 8 prompts; a group shares a prefix of 0..384 tokens, so prefix-cache hits
+    and misses both occur, at many lengths."""
+    rng = random.Random(seed)
+    prompts = []
+    for group in range(NUM_PROMPTS // 8):
+        prefix = [rng.randrange(100, vocab) for _ in range(group * 384 // 31)]
+        for _ in range(8):
+            suffix = [rng.randrange(100, vocab) for _ in range(rng.randint(16, 128))]
+            prompts.append(drift.Prompt(len(prompts), 0, "token_ids", prefix + suffix))
+    return prompts
+
+
+def write_checkpoint(config: str, layers: int, directory: str) -> None:
+    """A transformers checkpoint with realistic random weights, built on the GPU."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    write_model_dir(config, directory)
+    cfg = AutoConfig.from_pretrained(directory)
+    cfg.num_hidden_layers = layers
+    # Default dtype rather than a from_config keyword: its name changed across transformers.
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    reinit_weights(model)
+    model.save_pretrained(directory)
+
+
+def _settings() -> drift.Settings:
+    return drift.Settings(
+        api="completions",
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        seed=None,
+        logprobs=1,
+        token_ids=True,
+        timeout=600,
+        repeats=1,
+        concurrency=(1,),
+        background=0,
+        abort_after=0,
+    )
+
+
+def _send_all(url: str, prompts: list[drift.Prompt], clients: int) -> list[drift.Response]:
+    target = drift.Target("target", url, drift.resolve_model(url, None, None))
+    settings = _settings()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        futures = [pool.submit(drift.send_prompt, target, settings, p, clients, 0) for p in prompts]
+        return [f.result() for f in futures]
+
+
+def _score(reference: list[drift.Response], responses: list[drift.Response]) -> dict:
+    ref = {r.prompt: r.output.key for r in reference if r.output is not None}
+    same = sum(1 for r in responses if r.output is not None and ref.get(r.prompt) == r.output.key)
+    errors = sum(1 for r in responses if r.output is None)
+    return {
+        "n": len(responses),
+        "identical": same,
+        "errors": errors,
+        "identical_fraction": same / len(responses),
+    }
+
+
+def run_variant(
+    checkpoint: str, variant: str, prompts: list[drift.Prompt], cells: tuple[str, ...]
+) -> dict[str, dict]:
+    """Every requested cell for one variant; each server is started and stopped here."""
+    base = [
+        *VARIANTS[variant],
+        "--skip-tokenizer-init",
+        "--max-model-len",
+        "1024",
+        "--gpu-memory-utilization",
+        "0.85",
+    ]
+    results: dict[str, dict] = {}
+
+    def serve(extra: list[str]):
+        return drift.serve_vllm(checkpoint, 0, base + extra, SERVE_TIMEOUT_S)
+
+    with serve([]) as server:
+        reference = _send_all(server.base_url, prompts, clients=1)
+        results["reference_errors"] = {"errors": sum(r.output is None for r in reference)}
+        if "prefix_cache_warm" in cells:
+            results["prefix_cache_warm"] = _score(reference, _send_all(server.base_url, prompts, 1))
+        if "batch_256" in cells:
+            results["batch_256"] = _score(reference, _send_all(server.base_url, prompts, 256))
+        if "concurrency_64" in cells:
+            cycled = [prompts[i % len(prompts)] for i in range(1000)]
+            results["concurrency_64"] = _score(reference, _send_all(server.base_url, cycled, 64))
+    for size in CHUNK_SIZES:
+        if f"chunked_prefill_{size}" in cells:
+            with serve(["--enable-chunked-prefill", "--max-num-batched-tokens", str(size)]) as s:
+                results[f"chunked_prefill_{size}"] = _score(
+                    reference, _send_all(s.base_url, prompts, 256)
+                )
+    if "preemption" in cells:
+        # ~24 requests of up to 576 tokens fit in 800 blocks of 16: the rest wait or preempt.
+        with serve(["--num-gpu-blocks-override", "800"]) as s:
+            results["preemption"] = _score(reference, _send_all(s.base_url, prompts, 256))
+    if "restart" in cells:
+        with serve([]) as s:
+            results["restart"] = _score(reference, _send_all(s.base_url, prompts, 1))
+    return results
+
+
+ALL_CELLS = (
+    "prefix_cache_warm",
+    "batch_256",
+    "concurrency_64",
+    *(f"chunked_prefill_{s}" for s in CHUNK_SIZES),
+    "preemption",
+    "restart",
+)
+# The control only has to show that the dimension matters; one server's cells do that.
+DEFAULT_CELLS = ("prefix_cache_warm", "batch_256", "concurrency_64")
+
+
+def run_matrix(
+    models: tuple[str, ...],
+    layers: int,
+    cells: tuple[str, ...] = ALL_CELLS,
+    default_cells: tuple[str, ...] = DEFAULT_CELLS,
+) -> dict:
+    import torch
+    import vllm
+
+    rows = []
+    for model in models:
+        with tempfile.TemporaryDirectory() as checkpoint:
+            # A child process builds the checkpoint, so this one holds no GPU memory.
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "det_backend.matrix",
+                    "--write-checkpoint",
+                    model,
+                    "--layers",
+                    str(layers),
+                    "--dir",
+                    checkpoint,
+                ],
+                check=True,
+            )
+            vocab = json.loads(Path(checkpoint, "config.json").read_text())["vocab_size"]
+            prompts = make_prompts(vocab)
+            det = run_variant(checkpoint, "det", prompts, cells)
+            default = run_variant(checkpoint, "default", prompts, default_cells)
+        for cell in cells:
+            rows.append(
+                {
+                    "dimension": cell,
+                    "model": f"{model} ({layers} layers)",
+                    "variant": "det",
+                    "n": det[cell]["n"],
+                    "identical_fraction": det[cell]["identical_fraction"],
+                    "errors": det[cell]["errors"],
+                    "default_identical_fraction": default[cell]["identical_fraction"]
+                    if cell in default
+                    else None,
+                }
+            )
+    return {
+        "cells": rows,
+        "gpu": torch.cuda.get_device_name(),
+        "vllm": vllm.__version__,
+        "command": " ".join(["det-backend matrix", *sys.argv[1:]]),
+    }
+
+
+def print_matrix(result: dict) -> None:
+    print(f"{'dimension':<22}{'model':<26}{'det':>10}{'default':>10}")
+    for c in result["cells"]:
+        default = (
+            "-"
+            if c["default_identical_fraction"] is None
+            else (f"{c['default_identical_fraction']:.2f}")
+        )
+        print(f"{c['dimension']:<22}{c['model']:<26}{c['identical_fraction']:>10.2f}{default:>10}")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m det_backend.matrix") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="invariance_matrix.json")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of each shape")
+    parser.add_argument("--write-checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.write_checkpoint:
+        write_checkpoint(args.write_checkpoint, args.layers, args.dir)
+        return 0
+    result = run_matrix(tuple(args.models.split(",")), args.layers)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print_matrix(result)
+    return 0 if all(c["identical_fraction"] == 1.0 for c in result["cells"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
