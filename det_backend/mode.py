@@ -47,5 +47,6 @@ def _log_fingerprint(vllm_config: VllmConfig) -> None:
     import torch
     from vllm.logger import init_logger
 
-    info = fingerprint(vllm_config.model_config.dtype, torch.cuda.get_device_name())
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    info = fingerprint(vllm_config.model_config.dtype, gpu)
     init_logger(__name__).info("det_backend: deterministic mode on: %s", info)

@@ -260,3 +260,13 @@ def test_cli_prints_fingerprint_and_usage(capsys):
     assert capsys.readouterr().out.strip() == fingerprint_string()
     assert cli([]) == 2
     assert "det-backend {drift,matrix,fingerprint}" in capsys.readouterr().err
+
+
+def test_mode_logs_the_fingerprint(caplog):
+    from det_backend import mode
+    from det_backend.fingerprint import kernel_hash
+
+    config = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.bfloat16))
+    with caplog.at_level("INFO"):
+        mode._log_fingerprint(config)
+    assert kernel_hash() in caplog.text or kernel_hash() in str(caplog.records)
