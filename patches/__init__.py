@@ -1,5 +1,7 @@
 """Every place det_backend replaces a vLLM internal. Only this package touches vLLM internals.
 
+- backend_alias: registry._AttentionBackendEnumMeta.__getitem__ accepts DETERMINISTIC for
+  CUSTOM (applied by register(), not by apply_all: the CLI name is parsed in process0).
 - custom_ops: adds torch.ops.det_backend.{linear, rms_norm, fused_add_rms_norm}, so
   torch.compile keeps our kernels whole.
 - linear: layers.linear.UnquantizedLinearMethod.apply (cuBLAS split-K depends on M).

@@ -67,12 +67,29 @@ def test_vllm_plugin_loader_registers_backend_and_changes_nothing_else():
     assert out.strip().endswith("ok")
 
 
-def test_attention_backend_cli_value_is_accepted():
-    from vllm.config.attention import AttentionConfig
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    for value in ("CUSTOM", "custom"):
-        assert AttentionConfig.validate_backend_before(value) is AttentionBackendEnum.CUSTOM
+def test_attention_backend_cli_values_are_accepted():
+    out = _run_isolated(
+        """
+        from vllm.config.attention import AttentionConfig
+        from vllm.plugins import load_general_plugins
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        load_general_plugins()
+        for value in ("CUSTOM", "custom", "DETERMINISTIC", "deterministic"):
+            assert AttentionConfig.validate_backend_before(value) is AttentionBackendEnum.CUSTOM
+        cfg = AttentionConfig(backend="deterministic")
+        assert cfg.backend is AttentionBackendEnum.CUSTOM
+        # The alias adds a name and changes nothing else.
+        assert AttentionBackendEnum["FLASH_ATTN"] is AttentionBackendEnum.FLASH_ATTN
+        try:
+            AttentionBackendEnum["NOPE"]
+        except ValueError as e:
+            assert "Unknown attention backend: 'NOPE'" in str(e)
+        else:
+            raise AssertionError("unknown name accepted")
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
 
 
 def test_version_guard_names_the_version():
