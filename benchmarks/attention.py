@@ -12,12 +12,9 @@ attention is not measured here yet.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from pathlib import Path
 
-from harness import bench, copy_bandwidth, geomean, run_info, write_json
+from harness import bench, copy_bandwidth, geomean, main, pyplot, run_info
 
 Q_HEADS, KV_HEADS, HEAD = 32, 8, 128
 BLOCK = 16
@@ -152,13 +149,8 @@ def run() -> dict:
     }
 
 
-def plot(path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = json.loads(Path(path).read_text())
+def plot(data: dict):
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ctx in DECODE_CONTEXT:
         pts = [p for p in data["points"] if p["kind"] == "decode" and p["context"] == ctx]
@@ -183,26 +175,15 @@ def plot(path: str) -> None:
         ax.legend()
     fig.suptitle(f"det_backend attention vs FlashAttention-3 (vLLM default), {data['gpu']}")
     fig.tight_layout()
-    fig.savefig(Path(path).with_suffix(".png"), dpi=110)
+    return fig
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default="attention.json")
-    parser.add_argument("--plot", metavar="JSON")
-    args = parser.parse_args()
-    if args.plot:
-        plot(args.plot)
-        return
-    result = run()
-    write_json(args.out, result)
-    print(
+def _summary(result: dict) -> str:
+    return (
         f"decode geomean vs FA3 {result['decode_geomean_speedup_vs_fa3']:.3f}, prefill "
         f"{result['prefill_geomean_speedup_vs_fa3']:.3f} on {result['gpu']}"
     )
 
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, "attention.json", lambda a: run(), plot, _summary)

@@ -12,11 +12,10 @@ y once each) over the copy bandwidth measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from harness import bench, copy_bandwidth, geomean, run_info, write_json
+from harness import bench, copy_bandwidth, geomean, main, pyplot, run_info
 
 M_VALUES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # (model, layer, N, K) for y[M, N] = x[M, K] @ W[N, K].T
@@ -109,13 +108,8 @@ def run(sweep: bool, max_m: int, out: Path) -> dict:
     }
 
 
-def plot(path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = json.loads(Path(path).read_text())
+def plot(data: dict):
+    plt = pyplot()
     shapes = sorted({(p["model"], p["layer"]) for p in data["points"]}, key=str)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
     for ax, model in zip(axes, ("llama-3-8b", "qwen3-32b"), strict=True):
@@ -135,28 +129,27 @@ def plot(path: str) -> None:
         f"(geomean {data['geomean_speedup_vs_cublas']:.2f}x)"
     )
     fig.tight_layout()
-    fig.savefig(Path(path).with_suffix(".png"), dpi=110)
+    return fig
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default="gemm.json")
+def _add_args(parser) -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--max-m", type=int, default=max(M_VALUES))
-    parser.add_argument("--plot", metavar="JSON")
-    args = parser.parse_args()
-    if args.plot:
-        plot(args.plot)
-        return
-    result = run(args.sweep, args.max_m, Path(args.out))
-    write_json(args.out, result)
-    print(
+
+
+def _summary(result: dict) -> str:
+    return (
         f"geomean speed-up vs cuBLAS {result['geomean_speedup_vs_cublas']:.3f}, "
         f"min {result['min_speedup_vs_cublas']:.3f} on {result['gpu']}"
     )
 
 
 if __name__ == "__main__":
-    main()
+    main(
+        __doc__,
+        "gemm.json",
+        lambda a: run(a.sweep, a.max_m, Path(a.out)),
+        plot,
+        _summary,
+        _add_args,
+    )

@@ -3,6 +3,7 @@ JSON it writes. Baselines and ours always run in one process on the same inputs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -59,3 +60,35 @@ def run_info() -> dict:
 
 def write_json(path: str | Path, result: dict) -> None:
     Path(path).write_text(json.dumps(result, indent=1))
+
+
+def pyplot():
+    """matplotlib's pyplot on a file backend (GPU hosts and CI have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def main(doc: str, default_out: str, run, plot, summary, add_args=None) -> None:
+    """The command line every benchmark shares: `--out FILE` runs and writes JSON,
+    `--plot FILE.json` draws FILE.png from a result. run(args) -> result; plot(result) ->
+    a matplotlib figure; summary(result) -> the line printed last."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--plot", metavar="JSON")
+    if add_args is not None:
+        add_args(parser)
+    args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text())).savefig(
+            Path(args.plot).with_suffix(".png"), dpi=110
+        )
+        return
+    result = run(args)
+    write_json(args.out, result)
+    print(summary(result))

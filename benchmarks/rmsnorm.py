@@ -9,11 +9,7 @@ Speed-up = vLLM time / ours; GB/s counts each tensor read or written once.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from harness import bench, copy_bandwidth, geomean, run_info, write_json
+from harness import bench, copy_bandwidth, geomean, main, pyplot, run_info
 
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 HIDDEN = (4096, 5120, 8192)
@@ -77,13 +73,8 @@ def run() -> dict:
     }
 
 
-def plot(path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = json.loads(Path(path).read_text())
+def plot(data: dict):
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, op in zip(axes, ("rms_norm", "fused_add_rms_norm"), strict=True):
         for hidden in HIDDEN:
@@ -102,26 +93,15 @@ def plot(path: str) -> None:
     axes[0].set_ylabel("vLLM time / ours (higher is better)")
     fig.suptitle(f"det_backend RMSNorm vs vLLM CUDA, bf16, {data['gpu']}")
     fig.tight_layout()
-    fig.savefig(Path(path).with_suffix(".png"), dpi=110)
+    return fig
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default="rmsnorm.json")
-    parser.add_argument("--plot", metavar="JSON")
-    args = parser.parse_args()
-    if args.plot:
-        plot(args.plot)
-        return
-    result = run()
-    write_json(args.out, result)
-    print(
+def _summary(result: dict) -> str:
+    return (
         f"geomean speed-up vs vLLM {result['geomean_speedup_vs_vllm']:.3f}, "
         f"min {result['min_speedup_vs_vllm']:.3f} on {result['gpu']}"
     )
 
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, "rmsnorm.json", lambda a: run(), plot, _summary)
