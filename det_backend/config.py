@@ -6,7 +6,6 @@ a user learns in one start-up what to change. Nothing here falls back to a vLLM 
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,12 +51,14 @@ def check_vllm_version(version: str) -> None:
 
 def config_problems(vllm_config: VllmConfig) -> list[str]:
     """Model- and engine-level features det_backend cannot make deterministic."""
+    import vllm.envs as envs
     from vllm.platforms import current_platform
 
     reasons = []
     if not current_platform.is_cuda():
         reasons.append(f"platform {type(current_platform).__name__}: the kernels need a CUDA GPU")
-    if os.environ.get("VLLM_BATCH_INVARIANT", "0") not in ("", "0"):
+    # vLLM's own reading of the flag, the one its layers branch on.
+    if envs.VLLM_BATCH_INVARIANT:
         reasons.append(
             "VLLM_BATCH_INVARIANT=1 is set: it swaps in vLLM's own RMSNorm path ahead of ours; "
             "det_backend replaces that mode, unset it"
