@@ -17,6 +17,8 @@ and realistic random weights (normal, std 0.02; norm weights 1), served with
 --skip-tokenizer-init; prompts are token ids, logprobs asked with return_tokens_as_token_ids.
 
     det-backend matrix --out invariance_matrix.json [--models llama-3-8b,qwen3-8b]
+        [--cells batch_256,restart] [--default-cells '']    a subset of the cells
+    det-backend matrix --merge part1.json part2.json --out invariance_matrix.json
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import random
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,13 +106,19 @@ def _score(reference: list[drift.Response], responses: list[drift.Response]) -> 
         "identical": same,
         "errors": errors,
         "identical_fraction": same / len(responses),
+        "fingerprints": sorted({r.fingerprint for r in responses if r.fingerprint}),
     }
 
 
 def run_variant(
-    checkpoint: str, variant: str, prompts: list[drift.Prompt], cells: tuple[str, ...]
-) -> dict[str, dict]:
-    """Every requested cell for one variant; each server is started and stopped here."""
+    checkpoint: str,
+    variant: str,
+    prompts: list[drift.Prompt],
+    cells: tuple[str, ...],
+    record: Callable[[str, dict], None],
+) -> None:
+    """Every requested cell for one variant; each server is started and stopped here, and
+    each cell's score goes to `record` as soon as it is known (a run cut short keeps them)."""
     base = [
         *VARIANTS[variant],
         "--skip-tokenizer-init",
@@ -118,35 +127,34 @@ def run_variant(
         "--gpu-memory-utilization",
         "0.85",
     ]
-    results: dict[str, dict] = {}
 
     def serve(extra: list[str]):
         return drift.serve_vllm(checkpoint, 0, base + extra, SERVE_TIMEOUT_S)
 
+    def score(cell: str, responses: list[drift.Response]) -> None:
+        record(cell, _score(reference, responses))
+
     with serve([]) as server:
         reference = _send_all(server.base_url, prompts, clients=1)
-        results["reference_errors"] = {"errors": sum(r.output is None for r in reference)}
+        record("reference", _score(reference, reference))
         if "prefix_cache_warm" in cells:
-            results["prefix_cache_warm"] = _score(reference, _send_all(server.base_url, prompts, 1))
+            score("prefix_cache_warm", _send_all(server.base_url, prompts, 1))
         if "batch_256" in cells:
-            results["batch_256"] = _score(reference, _send_all(server.base_url, prompts, 256))
+            score("batch_256", _send_all(server.base_url, prompts, 256))
         if "concurrency_64" in cells:
             cycled = [prompts[i % len(prompts)] for i in range(1000)]
-            results["concurrency_64"] = _score(reference, _send_all(server.base_url, cycled, 64))
+            score("concurrency_64", _send_all(server.base_url, cycled, 64))
     for size in CHUNK_SIZES:
         if f"chunked_prefill_{size}" in cells:
             with serve(["--enable-chunked-prefill", "--max-num-batched-tokens", str(size)]) as s:
-                results[f"chunked_prefill_{size}"] = _score(
-                    reference, _send_all(s.base_url, prompts, 256)
-                )
+                score(f"chunked_prefill_{size}", _send_all(s.base_url, prompts, 256))
     if "preemption" in cells:
         # ~24 requests of up to 576 tokens fit in 800 blocks of 16: the rest wait or preempt.
         with serve(["--num-gpu-blocks-override", "800"]) as s:
-            results["preemption"] = _score(reference, _send_all(s.base_url, prompts, 256))
+            score("preemption", _send_all(s.base_url, prompts, 256))
     if "restart" in cells:
         with serve([]) as s:
-            results["restart"] = _score(reference, _send_all(s.base_url, prompts, 1))
-    return results
+            score("restart", _send_all(s.base_url, prompts, 1))
 
 
 ALL_CELLS = (
@@ -157,21 +165,53 @@ ALL_CELLS = (
     "preemption",
     "restart",
 )
-# The control only has to show that the dimension matters; one server's cells do that.
-DEFAULT_CELLS = ("prefix_cache_warm", "batch_256", "concurrency_64")
+
+
+def _row(rows: list[dict], model: str, cell: str) -> dict:
+    for row in rows:
+        if row["model"] == model and row["dimension"] == cell:
+            return row
+    row = {
+        "dimension": cell,
+        "model": model,
+        "variant": "det",
+        "n": None,
+        "identical_fraction": None,
+        "errors": None,
+        "default_identical_fraction": None,
+        "default_errors": None,
+        "fingerprints": None,
+        "default_fingerprints": None,
+    }
+    rows.append(row)
+    return row
 
 
 def run_matrix(
     models: tuple[str, ...],
     layers: int,
     cells: tuple[str, ...] = ALL_CELLS,
-    default_cells: tuple[str, ...] = DEFAULT_CELLS,
+    default_cells: tuple[str, ...] = ALL_CELLS,
+    out: str | None = None,
 ) -> dict:
+    """Our backend's cells and the control's; with `out`, the JSON is rewritten after every
+    cell, so a run stopped part-way keeps what it measured."""
     import torch
     import vllm
 
-    rows = []
+    result = {
+        "cells": [],
+        "gpu": torch.cuda.get_device_name(),
+        "vllm": vllm.__version__,
+        "command": " ".join(["det-backend matrix", *sys.argv[1:]]),
+    }
+
+    def save() -> None:
+        if out:
+            Path(out).write_text(json.dumps(result, indent=2))
+
     for model in models:
+        label = f"{model} ({layers} layers)"
         with tempfile.TemporaryDirectory() as checkpoint:
             # A child process builds the checkpoint, so this one holds no GPU memory.
             subprocess.run(
@@ -190,39 +230,66 @@ def run_matrix(
             )
             vocab = json.loads(Path(checkpoint, "config.json").read_text())["vocab_size"]
             prompts = make_prompts(vocab)
-            det = run_variant(checkpoint, "det", prompts, cells)
-            default = run_variant(checkpoint, "default", prompts, default_cells)
-        for cell in cells:
-            rows.append(
-                {
-                    "dimension": cell,
-                    "model": f"{model} ({layers} layers)",
-                    "variant": "det",
-                    "n": det[cell]["n"],
-                    "identical_fraction": det[cell]["identical_fraction"],
-                    "errors": det[cell]["errors"],
-                    "default_identical_fraction": default[cell]["identical_fraction"]
-                    if cell in default
-                    else None,
-                }
-            )
-    return {
-        "cells": rows,
-        "gpu": torch.cuda.get_device_name(),
-        "vllm": vllm.__version__,
-        "command": " ".join(["det-backend matrix", *sys.argv[1:]]),
-    }
+            for variant, wanted in (("det", cells), ("default", default_cells)):
+                if not wanted:
+                    continue
+                prefix = "" if variant == "det" else "default_"
+
+                def record(
+                    cell: str, score: dict, prefix=prefix, variant=variant, label=label
+                ) -> None:
+                    if cell == "reference":
+                        if score["errors"]:
+                            raise RuntimeError(f"{variant} reference pass had errors: {score}")
+                        return
+                    row = _row(result["cells"], label, cell)
+                    if prefix == "":
+                        row["n"] = score["n"]
+                    row[prefix + "identical_fraction"] = score["identical_fraction"]
+                    row[prefix + "errors"] = score["errors"]
+                    row[prefix + "fingerprints"] = score["fingerprints"]
+                    print(f"{label} {variant} {cell}: {score}", file=sys.stderr, flush=True)
+                    save()
+
+                run_variant(checkpoint, variant, prompts, wanted, record)
+    save()
+    return result
+
+
+def merge(results: list[dict]) -> dict:
+    """Partial runs (e.g. one GPU call per group of cells) into one matrix: a cell's fields
+    from the first run that measured them."""
+    merged = {k: v for k, v in results[0].items() if k != "cells"}
+    merged["cells"] = []
+    merged["command"] = " + ".join(r["command"] for r in results)
+    for r in results:
+        for cell in r["cells"]:
+            row = _row(merged["cells"], cell["model"], cell["dimension"])
+            for key, value in cell.items():
+                if row.get(key) is None:
+                    row[key] = value
+    return merged
+
+
+def _fraction(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def print_matrix(result: dict) -> None:
     print(f"{'dimension':<22}{'model':<26}{'det':>10}{'default':>10}")
     for c in result["cells"]:
-        default = (
-            "-"
-            if c["default_identical_fraction"] is None
-            else (f"{c['default_identical_fraction']:.2f}")
+        print(
+            f"{c['dimension']:<22}{c['model']:<26}{_fraction(c['identical_fraction']):>10}"
+            f"{_fraction(c['default_identical_fraction']):>10}"
         )
-        print(f"{c['dimension']:<22}{c['model']:<26}{c['identical_fraction']:>10.2f}{default:>10}")
+
+
+def _cells(text: str) -> tuple[str, ...]:
+    cells = tuple(c for c in text.split(",") if c)
+    unknown = [c for c in cells if c not in ALL_CELLS]
+    if unknown:
+        raise SystemExit(f"unknown cell(s) {unknown}; known: {', '.join(ALL_CELLS)}")
+    return cells
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m det_backend.matrix") -> int:
@@ -232,14 +299,30 @@ def main(argv: list[str] | None = None, prog: str = "python -m det_backend.matri
     parser.add_argument("--out", default="invariance_matrix.json")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of each shape")
+    parser.add_argument("--cells", default=",".join(ALL_CELLS), help="our backend's cells")
+    parser.add_argument(
+        "--default-cells", default=",".join(ALL_CELLS), help="the control's cells ('' for none)"
+    )
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="merge partial runs into --out, run nothing"
+    )
     parser.add_argument("--write-checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.write_checkpoint:
         write_checkpoint(args.write_checkpoint, args.layers, args.dir)
         return 0
-    result = run_matrix(tuple(args.models.split(",")), args.layers)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.merge:
+        result = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    else:
+        result = run_matrix(
+            tuple(args.models.split(",")),
+            args.layers,
+            _cells(args.cells),
+            _cells(args.default_cells),
+            out=args.out,
+        )
     print_matrix(result)
     return 0 if all(c["identical_fraction"] == 1.0 for c in result["cells"]) else 1
 
