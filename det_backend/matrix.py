@@ -97,8 +97,14 @@ def _send_all(url: str, prompts: list[drift.Prompt], clients: int) -> list[drift
         return [f.result() for f in futures]
 
 
-def _score(reference: list[drift.Response], responses: list[drift.Response]) -> dict:
-    ref = {r.prompt: r.output.key for r in reference if r.output is not None}
+def _keys(responses: list[drift.Response]) -> dict[int, str]:
+    return {r.prompt: r.output.key for r in responses if r.output is not None}
+
+
+def _score(
+    reference: list[drift.Response] | dict[int, str], responses: list[drift.Response]
+) -> dict:
+    ref = reference if isinstance(reference, dict) else _keys(reference)
     same = sum(1 for r in responses if r.output is not None and ref.get(r.prompt) == r.output.key)
     errors = sum(1 for r in responses if r.output is None)
     return {
@@ -116,9 +122,14 @@ def run_variant(
     prompts: list[drift.Prompt],
     cells: tuple[str, ...],
     record: Callable[[str, dict], None],
+    reference_file: Path | None = None,
 ) -> None:
     """Every requested cell for one variant; each server is started and stopped here, and
-    each cell's score goes to `record` as soon as it is known (a run cut short keeps them)."""
+    each cell's score goes to `record` as soon as it is known (a run cut short keeps them).
+
+    reference_file: the reference pass's outputs are saved there, and read back instead of
+    run again when no requested cell needs the reference server (runs split over several
+    calls on one host; the checkpoint is the same, its weights are seeded)."""
     base = [
         *VARIANTS[variant],
         "--skip-tokenizer-init",
@@ -134,16 +145,24 @@ def run_variant(
     def score(cell: str, responses: list[drift.Response]) -> None:
         record(cell, _score(reference, responses))
 
-    with serve([]) as server:
-        reference = _send_all(server.base_url, prompts, clients=1)
-        record("reference", _score(reference, reference))
-        if "prefix_cache_warm" in cells:
-            score("prefix_cache_warm", _send_all(server.base_url, prompts, 1))
-        if "batch_256" in cells:
-            score("batch_256", _send_all(server.base_url, prompts, 256))
-        if "concurrency_64" in cells:
-            cycled = [prompts[i % len(prompts)] for i in range(1000)]
-            score("concurrency_64", _send_all(server.base_url, cycled, 64))
+    same_server = {"prefix_cache_warm", "batch_256", "concurrency_64"}
+    if reference_file and reference_file.exists() and not same_server & set(cells):
+        saved = json.loads(reference_file.read_text())
+        reference = {int(k): v for k, v in saved.items()}
+    else:
+        with serve([]) as server:
+            responses = _send_all(server.base_url, prompts, clients=1)
+            record("reference", _score(responses, responses))
+            reference = _keys(responses)
+            if reference_file:
+                reference_file.write_text(json.dumps(reference))
+            if "prefix_cache_warm" in cells:
+                score("prefix_cache_warm", _send_all(server.base_url, prompts, 1))
+            if "batch_256" in cells:
+                score("batch_256", _send_all(server.base_url, prompts, 256))
+            if "concurrency_64" in cells:
+                cycled = [prompts[i % len(prompts)] for i in range(1000)]
+                score("concurrency_64", _send_all(server.base_url, cycled, 64))
     for size in CHUNK_SIZES:
         if f"chunked_prefill_{size}" in cells:
             with serve(["--enable-chunked-prefill", "--max-num-batched-tokens", str(size)]) as s:
@@ -193,6 +212,7 @@ def run_matrix(
     cells: tuple[str, ...] = ALL_CELLS,
     default_cells: tuple[str, ...] = ALL_CELLS,
     out: str | None = None,
+    reference_dir: str | None = None,
 ) -> dict:
     """Our backend's cells and the control's; with `out`, the JSON is rewritten after every
     cell, so a run stopped part-way keeps what it measured."""
@@ -251,7 +271,11 @@ def run_matrix(
                     print(f"{label} {variant} {cell}: {score}", file=sys.stderr, flush=True)
                     save()
 
-                run_variant(checkpoint, variant, prompts, wanted, record)
+                ref_file = None
+                if reference_dir:
+                    Path(reference_dir).mkdir(parents=True, exist_ok=True)
+                    ref_file = Path(reference_dir, f"{model}-{layers}-{variant}.json")
+                run_variant(checkpoint, variant, prompts, wanted, record, ref_file)
     save()
     return result
 

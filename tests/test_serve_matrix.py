@@ -63,7 +63,8 @@ def test_matrix_merge_keeps_each_cell_from_the_run_that_measured_it():
 
 
 # One GPU call may not fit every server start: DET_MATRIX_CELLS / DET_MATRIX_DEFAULT_CELLS
-# pick cells (comma lists; the rest skip) and DET_MATRIX_MODELS the shapes.
+# pick cells (comma lists; the rest skip) and DET_MATRIX_MODELS the shapes;
+# DET_MATRIX_REF_DIR keeps each variant's reference pass for the next call on the same host.
 def _env_cells(name: str) -> tuple[str, ...]:
     return tuple(c for c in os.environ.get(name, ",".join(matrix.ALL_CELLS)).split(",") if c)
 
@@ -78,7 +79,14 @@ def matrix_result():
     if os.environ.get("DET_RESULTS_DIR"):
         out = str(Path(os.environ["DET_RESULTS_DIR"], "invariance_matrix.json"))
     models = tuple(os.environ.get("DET_MATRIX_MODELS", "llama-3-8b").split(","))
-    result = matrix.run_matrix(models, layers=2, cells=CELLS, default_cells=DEFAULT_CELLS, out=out)
+    result = matrix.run_matrix(
+        models,
+        layers=2,
+        cells=CELLS,
+        default_cells=DEFAULT_CELLS,
+        out=out,
+        reference_dir=os.environ.get("DET_MATRIX_REF_DIR"),
+    )
     return result["cells"]
 
 
