@@ -19,13 +19,20 @@ if TYPE_CHECKING:
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 # Decoder-only architectures whose every batch-variant op we replace (GEMM, RMSNorm,
-# attention); their other ops (rotary, SiLU-and-mul, embedding lookup) are per-token.
+# attention, and for the MoE ones softmax top-k routing + SiLU experts: patches/moe.py, which
+# also checks each MoE layer at load); their other ops (rotary, SiLU-and-mul, embedding
+# lookup) are per-token.
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
+# "auto" is pinned to "triton" by patches/moe.py: the one backend that keeps the expert
+# weights in the layout our kernel reads.
+SUPPORTED_MOE_BACKENDS = ("auto", "triton")
 
 
 class DeterminismError(ValueError):
@@ -77,7 +84,7 @@ def config_problems(vllm_config: VllmConfig) -> list[str]:
     if model.use_mla:
         reasons.append("MLA attention")
     if model.is_moe:
-        reasons.append("mixture-of-experts layers")
+        reasons += _moe_problems(vllm_config)
     if model.is_encoder_decoder:
         reasons.append("encoder-decoder models")
     if model.is_hybrid or model.is_attention_free:
@@ -99,6 +106,26 @@ def config_problems(vllm_config: VllmConfig) -> list[str]:
     cache_dtype = vllm_config.cache_config.cache_dtype
     if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
         reasons.append(f"kv_cache_dtype={cache_dtype} (supported: {SUPPORTED_KV_CACHE_DTYPES})")
+    return reasons
+
+
+def _moe_problems(vllm_config: VllmConfig) -> list[str]:
+    """MoE features outside our kernel (the rest is checked per layer by patches/moe.py)."""
+    reasons = []
+    backend = vllm_config.kernel_config.moe_backend
+    if backend not in SUPPORTED_MOE_BACKENDS:
+        reasons.append(
+            f"moe_backend={backend} (supported: {', '.join(SUPPORTED_MOE_BACKENDS)}); other "
+            "backends re-lay the expert weights for their own kernels"
+        )
+    par = vllm_config.parallel_config
+    if par.enable_expert_parallel or par.enable_eplb:
+        reasons.append("expert parallelism / EPLB")
+    if vllm_config.model_config.enable_return_routed_experts:
+        reasons.append(
+            "enable_return_routed_experts (our MoE layer routes inside its kernel, so vLLM's "
+            "router, which records the experts, never runs)"
+        )
     return reasons
 
 

@@ -109,6 +109,7 @@ def _fake_config(**overrides):
         is_encoder_decoder=False,
         is_hybrid=False,
         is_attention_free=False,
+        enable_return_routed_experts=False,
     )
     model.update(overrides.pop("model", {}))
     parallel = dict(
@@ -117,12 +118,15 @@ def _fake_config(**overrides):
         data_parallel_size=1,
         decode_context_parallel_size=1,
         prefill_context_parallel_size=1,
+        enable_expert_parallel=False,
+        enable_eplb=False,
     )
     parallel.update(overrides.pop("parallel", {}))
     cfg = dict(
         model_config=SimpleNamespace(**model),
         parallel_config=SimpleNamespace(**parallel),
         cache_config=SimpleNamespace(cache_dtype=overrides.pop("cache_dtype", "auto")),
+        kernel_config=SimpleNamespace(moe_backend=overrides.pop("moe_backend", "auto")),
         speculative_config=overrides.pop("speculative_config", None),
         lora_config=overrides.pop("lora_config", None),
     )
@@ -135,7 +139,13 @@ def _fake_config(**overrides):
         ({"model": {"dtype": torch.float32}}, "dtype torch.float32"),
         ({"model": {"quantization": "fp8", "is_quantized": True}}, "quantized weights"),
         ({"model": {"use_mla": True}}, "MLA"),
-        ({"model": {"is_moe": True}}, "mixture-of-experts"),
+        ({"model": {"is_moe": True}, "moe_backend": "flashinfer_cutlass"}, "moe_backend="),
+        ({"model": {"is_moe": True}, "parallel": {"enable_eplb": True}}, "EPLB"),
+        (
+            {"model": {"is_moe": True, "enable_return_routed_experts": True}},
+            "enable_return_routed_experts",
+        ),
+        ({"model": {"architectures": ["DeepseekV3ForCausalLM"]}}, "DeepseekV3ForCausalLM"),
         ({"model": {"is_encoder_decoder": True}}, "encoder-decoder"),
         ({"model": {"architectures": ["Gemma2ForCausalLM"]}}, "Gemma2ForCausalLM"),
         ({"speculative_config": object()}, "speculative decoding"),
@@ -228,13 +238,13 @@ def test_patches_route_linear_and_rms_norm_through_our_kernels():
         """
         import torch
         from det_backend import patches
-        from det_backend.patches import custom_ops, linear, logits, rms_norm
+        from det_backend.patches import custom_ops, linear, logits, moe, rms_norm
         from det_backend.kernels.matmul import matmul
         from det_backend.kernels.rms_norm import rms_norm as det_rms_norm
         assert patches.problems() != []
-        for p in (custom_ops, linear, logits, rms_norm):
+        for p in (custom_ops, linear, logits, rms_norm, moe):
             p.apply(); p.apply()  # idempotent
-        for p in (custom_ops, linear, logits, rms_norm):
+        for p in (custom_ops, linear, logits, rms_norm, moe):
             assert p.problems() == [], p.problems()
 
         from vllm.model_executor.layers.linear import UnquantizedLinearMethod
