@@ -8,8 +8,15 @@
 - logits: layers.vocab_parallel_embedding.UnquantizedEmbeddingMethod.apply (lm_head, same).
 - rms_norm: vllm.ir.ops.rms_norm / fused_add_rms_norm get provider "det", first and only
   (vllm_c picks its block size from the row count).
+- moe: layers.fused_moe UnquantizedFusedMoEMethod becomes monolithic and runs our routing +
+  grouped GEMMs + fp32 combine (vLLM's Triton experts pick tiles by token count, sort with
+  atomics, sum in the activation dtype); pins kernel_config.moe_backend "auto" to "triton".
 - batch_invariant_ops: layers.batch_invariant.enable_batch_invariant_mode (aten
   softmax/log_softmax/mean/bmm overrides, cuBLAS workspace), reused as vLLM ships it.
+- sampler: `apply_top_k_top_p` in v1.sample.ops.topk_topp_sampler, v1.worker.gpu.sample.sampler
+  and .states (vLLM switches implementation at 8 rows; torch.cumsum scans one row apart), and
+  the `torch.topk` of logprob gathering in v1.sample.sampler and v1.worker.gpu.sample.logprob
+  (tie order depends on k = the batch's largest `logprobs`). Seeded noise is vLLM's own.
 
 Each file says Why, How and the vLLM version it was checked against. `apply_all` runs in the
 worker when our attention backend is constructed (never at import, never when the backend is
@@ -17,12 +24,12 @@ not selected) and is idempotent. Removal plan: each patch goes when vLLM exposes
 switch as a supported setting.
 """
 
-from . import batch_invariant_ops, custom_ops, linear, logits, rms_norm
+from . import batch_invariant_ops, custom_ops, linear, logits, moe, rms_norm, sampler
 
 # vLLM versions whose internals these patches were read against.
 CHECKED_VLLM_VERSIONS = ("0.26.0",)
 
-_PATCHES = (custom_ops, linear, logits, rms_norm, batch_invariant_ops)
+_PATCHES = (custom_ops, linear, logits, rms_norm, moe, batch_invariant_ops, sampler)
 
 
 def apply_all(vllm_config=None) -> None:
@@ -30,7 +37,9 @@ def apply_all(vllm_config=None) -> None:
     linear.apply()
     logits.apply()
     rms_norm.apply(vllm_config)
+    moe.apply(vllm_config)
     batch_invariant_ops.apply()
+    sampler.apply()
 
 
 def problems() -> list[str]:

@@ -1,0 +1,102 @@
+"""Sampling benchmark: ours vs vLLM 0.26's defaults on CUDA, in one process, same inputs.
+
+  - top-k / top-p masks: vLLM's `apply_top_k_top_p` (sort below 8 rows, Triton pivot search
+    from 8) vs det_backend's (sort + one threshold program per row), fp32 logits.
+  - logprob top-k: torch.topk vs det_backend's topk with ties lowest index first, k = 20.
+Rows 1..256, vocab 152064 (Qwen2/3). Each call gets a fresh copy of the logits (both mask in
+place); the copy's time is reported on its own as `clone_ms` and is inside both timings.
+
+    python benchmarks/sampling.py --out sampling.json
+    python benchmarks/sampling.py --plot sampling.json
+
+Speed-up = vLLM time / ours; GB/s counts the logits read once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from harness import bench, copy_bandwidth, geomean, main, pyplot, run_info
+
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+VOCAB = 152064
+CASES = ("top_k=50", "top_p=0.9", "top_k=50,top_p=0.9", "logprobs_topk=20")
+
+
+def _on_a_copy(mask, logits, k, p):
+    """mask(logits, k, p) works in place: each timed call masks a fresh copy."""
+    return lambda: mask(logits.clone(), k, p)
+
+
+def run() -> dict:
+    import torch
+    from det_backend.kernels.sampling import apply_top_k_top_p, topk_lowest_index_first
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p as vllm_apply_top_k_top_p
+
+    bandwidth = copy_bandwidth()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    points = []
+    for rows in ROWS:
+        logits = 3 * torch.randn(rows, VOCAB, generator=gen, device="cuda")
+        logits = logits.to(torch.bfloat16).float()  # the ties a bf16 lm_head makes
+        k = torch.full((rows,), 50, dtype=torch.int32, device="cuda")
+        p = torch.full((rows,), 0.9, device="cuda")
+        clone_ms = bench(lambda logits=logits: logits.clone())
+        for case in CASES:
+            if case == "logprobs_topk=20":
+                logprobs = logits.log_softmax(-1)
+                ours = functools.partial(topk_lowest_index_first, logprobs, 20)
+                theirs = functools.partial(torch.topk, logprobs, 20, dim=-1)
+            else:
+                kk = k if "top_k" in case else None
+                pp = p if "top_p" in case else None
+                ours = _on_a_copy(apply_top_k_top_p, logits, kk, pp)
+                theirs = _on_a_copy(vllm_apply_top_k_top_p, logits, kk, pp)
+            pt = {"case": case, "rows": rows, "vocab": VOCAB, "clone_ms": clone_ms}
+            pt["ours_ms"] = bench(ours)
+            pt["vllm_ms"] = bench(theirs)
+            pt["speedup_vs_vllm"] = pt["vllm_ms"] / pt["ours_ms"]
+            nbytes = logits.numel() * logits.element_size()
+            pt["ours_GBps"] = nbytes / (pt["ours_ms"] * 1e-3) / 1e9
+            pt["floor_ms"] = nbytes / bandwidth * 1e3
+            points.append(pt)
+            print(
+                f"{case:>20} rows={rows:<4} ours {pt['ours_ms']:.4f} ms  "
+                f"vLLM {pt['vllm_ms']:.4f}  x{pt['speedup_vs_vllm']:.2f}",
+                flush=True,
+            )
+    ratios = [pt["speedup_vs_vllm"] for pt in points]
+    return {
+        **run_info(),
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "geomean_speedup_vs_vllm": geomean(ratios),
+        "min_speedup_vs_vllm": min(ratios),
+        "points": points,
+    }
+
+
+def plot(data: dict):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for case in CASES:
+        pts = [pt for pt in data["points"] if pt["case"] == case]
+        ax.plot([pt["rows"] for pt in pts], [pt["speedup_vs_vllm"] for pt in pts], "o-", label=case)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rows (requests sampled in the step)")
+    ax.set_ylabel("vLLM time / ours (higher is better)")
+    ax.set_title(f"det_backend sampling vs vLLM 0.26, vocab {VOCAB}, {data['gpu']}")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _summary(result: dict) -> str:
+    return (
+        f"geomean speed-up vs vLLM {result['geomean_speedup_vs_vllm']:.3f}, "
+        f"min {result['min_speedup_vs_vllm']:.3f} on {result['gpu']}"
+    )
+
+
+if __name__ == "__main__":
+    main(__doc__, "sampling.json", lambda a: run(), plot, _summary)

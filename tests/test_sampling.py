@@ -1,0 +1,523 @@
+"""Seeded sampling under det_backend: a request's token and logprobs are the same alone and in any
+batch (patches/sampler.py, kernels/sampling.py).
+
+What vLLM 0.26 already does per row, and we reuse (so the tests show it invariant in our mode
+rather than failing without it): seeded noise (V1: the request's own torch.Generator; V2: Philox
+keyed on (seed, position), so chunked prefill and preemption, which only change the batch a
+(request, position) is sampled in, cannot change it), temperature, min-p, logit bias, penalties
+(repetition, frequency, presence), greedy argmax, logprob values.
+What it gets wrong, and the test that fails without the patch:
+  - logprobs: the top-n tokens returned to a request are the first n of a torch.topk whose k is
+    the batch's largest request, and torch.topk orders tied values by k (CPU and CUDA) and by the
+    row count (CUDA): test_vllm_v1_sampling_depends_on_batch, test_v2_logprobs_batch_invariant[vllm]
+    (CPU only: on CUDA that tie order for these shapes is not established).
+  - top-k/top-p switch implementation at 8 rows, and torch.cumsum scans one row differently from
+    several, both on CUDA only: test_vllm_top_k_top_p_depends_on_batch_size_on_gpu. On the CPU
+    vLLM disables Triton (no driver) and takes its sort path at every batch size, so there its
+    tokens do not depend on the batch.
+vLLM's V2 kernels run here under TRITON_INTERPRET=1 from a private copy of their module loaded
+with the real triton (`vllm_module_with_triton`).
+"""
+
+import dataclasses
+import functools
+import importlib.util
+import random
+import types
+
+import pytest
+import torch
+from det_backend.kernels import sampling as ks
+from det_backend.kernels.sampling import (
+    apply_top_k_top_p,
+    apply_top_k_top_p_reference,
+    topk_lowest_index_first,
+)
+from det_backend.patches import sampler as sampler_patch
+from invariance import prefixes_that_change
+
+VOCAB = 1000
+# 1 and 2: torch.cumsum's one-row and several-row scans; 7, 8: vLLM's top-k/top-p switch.
+BATCH_SIZES = (1, 2, 7, 8, 9, 64, 256)
+# The sampler tests run on the CPU, or with a GPU on CUDA (gpu-marked: the GPU runs select them);
+# kernels/sampling.py launches Triton, which runs CPU tensors only under the interpreter.
+DEVICES = (
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+)
+
+
+def bf16_logits(rows: int, vocab: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    """Random fp32 logits on the bf16 grid, as an lm_head in bf16 makes them: ties are common."""
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(rows, vocab, generator=g)).to(torch.bfloat16).float().to(device)
+
+
+@pytest.fixture
+def vllm_on_cpu(monkeypatch):
+    """vLLM's V1 sampler on CPU tensors: no pinned memory without a driver, and its compiled
+    rank count (an integer count, exact either way) run eagerly rather than built by inductor."""
+    if not torch.cuda.is_available():
+        import vllm.utils.torch_utils
+        import vllm.v1.sample.ops.penalties
+
+        monkeypatch.setattr(vllm.utils.torch_utils, "PIN_MEMORY", False)
+        monkeypatch.setattr(vllm.v1.sample.ops.penalties, "PIN_MEMORY", False)
+        monkeypatch.setattr(torch._dynamo.config, "disable", True)
+
+
+@pytest.fixture
+def det_sampler(monkeypatch):
+    """The patch applied for one test; monkeypatch puts vLLM's own functions back after it."""
+    for module, name, _ in sampler_patch.targets():
+        monkeypatch.setattr(module, name, getattr(module, name))
+    sampler_patch.apply()
+    yield
+
+
+@functools.cache
+def vllm_module_with_triton(name: str) -> types.ModuleType:
+    """A private copy of a vLLM module whose `triton`, `tl` are the real ones (vLLM swaps in
+    placeholders when no GPU driver is active; the interpreter needs none)."""
+    import triton
+    import triton.language as tl
+    import triton.language.extra.libdevice as tldevice
+    import vllm.triton_utils as tu
+
+    saved = (tu.triton, tu.tl, tu.tldevice)
+    tu.triton, tu.tl, tu.tldevice = triton, tl, tldevice
+    try:
+        spec = importlib.util.find_spec(name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        tu.triton, tu.tl, tu.tldevice = saved
+    if name.endswith(".gumbel") and not torch.cuda.is_available():
+        # The interpreter has no libdevice; log1p(-u) = log(1 - u) loses bits, not invariance.
+        module.tldevice = types.SimpleNamespace(log1p=lambda x: tl.log(1.0 + x))
+    return module
+
+
+# ----------------------------------------------------------------------------- the kernels
+
+
+def test_top_k_top_p_matches_float64_reference(device):
+    rows, vocab = 24, 2 * ks.BLOCK_V + 907  # three chunks, a ragged last one
+    x = bf16_logits(rows, vocab, seed=1, device=device)
+    g = torch.Generator().manual_seed(2)
+    k = torch.randint(1, 300, (rows,), generator=g, dtype=torch.int32)
+    k[::5] = vocab  # no top-k on these rows
+    p = 0.05 + 0.9 * torch.rand(rows, generator=g)
+    p[::7] = 1.0  # no top-p on these rows
+    k, p = k.to(device), p.to(device)
+    for kk, pp in ((k, None), (None, p), (k, p)):
+        out = apply_top_k_top_p(x.clone(), kk, pp)
+        ref = apply_top_k_top_p_reference(x, kk, pp)
+        if pp is None or device == "cpu":
+            assert torch.equal(out, ref)
+        else:
+            # CUDA's exp rounds unlike float64: a boundary token (or its tie group) may flip.
+            kept, ref_kept = (out > float("-inf")).sum(1), (ref > float("-inf")).sum(1)
+            assert ((kept - ref_kept).abs() <= 4).all()
+
+
+def test_top_k_keeps_every_logit_tied_with_the_kth(device):
+    x = bf16_logits(1, VOCAB, seed=3, device=device)
+    values, indices = x.topk(11)
+    x[0, indices[0, 10]] = values[0, 9]  # the 11th largest ties the 10th
+    out = apply_top_k_top_p(x.clone(), torch.tensor([10], device=device), None)
+    assert int((out > float("-inf")).sum()) == 11
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_top_k_top_p_batch_invariant(device, dtype):
+    rows = 40
+    x = bf16_logits(rows, VOCAB, seed=4, device=device).to(dtype)
+    g = torch.Generator().manual_seed(5)
+    k = torch.randint(1, VOCAB + 1, (rows,), generator=g).to(device)
+    p = (0.1 + 0.9 * torch.rand(rows, generator=g)).to(device)
+
+    def fn(t):
+        m = t.shape[0]
+        return apply_top_k_top_p(t.clone(), k[:m], p[:m])
+
+    assert prefixes_that_change(fn, x, (1, 2, 7, 8, 9, 33)) == []
+
+
+def test_topk_lowest_index_first(monkeypatch):
+    x = bf16_logits(64, VOCAB, seed=6)
+    values, indices = topk_lowest_index_first(x, 20)
+    assert torch.equal(values, torch.topk(x, 20).values)
+    assert torch.equal(topk_lowest_index_first(x, 5).indices, indices[:, :5])
+    # Among equal values, lower indices first.
+    tied = values[:, 1:] == values[:, :-1]
+    assert tied.any()
+    assert (indices[:, 1:][tied] > indices[:, :-1][tied]).all()
+    # The scratch budget splits rows into chunks without changing any row.
+    monkeypatch.setattr(ks, "_TOPK_CHUNK_ELEMENTS", 3 * VOCAB)
+    assert torch.equal(topk_lowest_index_first(x, 20).indices, indices)
+
+
+# ----------------------------------------------------------------------------- the patch
+
+
+def test_patch_applies_and_reports_nothing_missing(det_sampler):
+    sampler_patch.apply()  # idempotent
+    assert sampler_patch.problems() == []
+    from vllm.v1.sample.ops import topk_topp_sampler
+    from vllm.v1.worker.gpu.sample import logprob
+
+    assert topk_topp_sampler.apply_top_k_top_p is apply_top_k_top_p
+    assert logprob.torch.topk is not torch.topk
+    assert logprob.torch.float32 is torch.float32
+
+
+def test_patch_reports_each_missing_replacement(monkeypatch):
+    for module, name, _ in sampler_patch.targets():
+        monkeypatch.setattr(module, name, object())
+    assert len(sampler_patch.problems()) == len(sampler_patch.targets())
+
+
+def test_patch_refuses_a_module_it_was_not_written_for(monkeypatch):
+    from vllm.v1.worker.gpu.sample import logprob
+
+    monkeypatch.setattr(logprob, "torch", types.SimpleNamespace())
+    with pytest.raises(RuntimeError, match="not what vLLM 0.26.0 has there"):
+        sampler_patch.apply()
+    # Nothing was replaced: the check runs before any replacement.
+    assert len(sampler_patch.problems()) == len(sampler_patch.targets())
+
+
+@pytest.fixture
+def vllm_sampler():
+    """vLLM's own sampler functions, not det_backend's, are in place."""
+    if len(sampler_patch.problems()) != len(sampler_patch.targets()):
+        pytest.fail("the sampler patch was left applied in this process; these tests need vLLM's")
+
+
+# ----------------------------------------------------------------------------- V1 sampler
+
+
+@dataclasses.dataclass
+class Request:
+    params: object  # vllm.SamplingParams
+    logits: torch.Tensor  # [V]
+    prompt: list[int]
+    output: list[int]
+
+
+def requests(num: int, seed: int, targets: bool) -> list[Request]:
+    """Seeded targets with every parameter the sampler knows, or filler rows of mixed kinds."""
+    from vllm import SamplingParams
+
+    rng = random.Random(seed)
+    logits = bf16_logits(num, VOCAB, seed)
+    kinds = [
+        dict(temperature=0.7, top_k=20, logprobs=5),
+        dict(temperature=1.0, top_p=0.8, logprobs=2),
+        dict(temperature=1.3, min_p=0.05, logprobs=1),
+        dict(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, logit_bias={7: 3.0, 99: -2.0}),
+        dict(
+            temperature=0.6,
+            top_p=0.95,
+            repetition_penalty=1.2,
+            presence_penalty=0.5,
+            frequency_penalty=0.3,
+            logprobs=3,
+        ),
+        dict(temperature=1.0, logprobs=0),
+    ]
+    if not targets:
+        kinds = [
+            dict(temperature=0.0, logprobs=20),
+            dict(temperature=0.8, top_k=5),
+            dict(temperature=1.0, top_p=0.5, min_p=0.1, logprobs=20),
+            dict(temperature=0.5, top_k=30, top_p=0.7, repetition_penalty=0.8, seed=-1),
+            dict(temperature=1.2, logit_bias={5: 10.0}, frequency_penalty=1.0),
+        ]
+    out = []
+    for i in range(num):
+        kind = dict(kinds[i % len(kinds)])
+        if targets or kind.pop("seed", None) is not None:
+            kind["seed"] = rng.randrange(2**31)
+        # The three largest tie: bf16 logits tie near the top often, and three make the order
+        # of tied logprobs matter in most rows.
+        values, indices = logits[i].topk(3)
+        logits[i, indices] = values[0]
+        if "top_k" in kind:
+            # Tie the k-th largest logit with the next: top-k must keep both, at any batch size.
+            values, indices = logits[i].topk(kind["top_k"] + 1)
+            logits[i, indices[-1]] = values[-2]
+        out.append(
+            Request(
+                params=SamplingParams(**kind),
+                logits=logits[i],
+                prompt=[rng.randrange(VOCAB) for _ in range(rng.randrange(1, 40))],
+                output=[rng.randrange(VOCAB) for _ in range(rng.randrange(0, 20))],
+            )
+        )
+    return out
+
+
+def v1_sample(batch: list[Request], logprobs_mode: str, device: str):
+    """vLLM's V1 Sampler on one step of `batch`, its inputs built as InputBatch builds them."""
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessors
+    from vllm.v1.sample.logits_processor.builtin import (
+        LogitBiasLogitsProcessor,
+        MinPLogitsProcessor,
+    )
+    from vllm.v1.sample.metadata import SamplingMetadata
+    from vllm.v1.sample.sampler import Sampler
+
+    params = [r.params for r in batch]
+    rows = len(batch)
+
+    def per_row(f, dtype=torch.float32):
+        return torch.tensor([f(sp) for sp in params], dtype=dtype, device=device)
+
+    config = types.SimpleNamespace(scheduler_config=types.SimpleNamespace(max_num_seqs=rows))
+    procs = [
+        MinPLogitsProcessor(config, torch.device(device), False),
+        LogitBiasLogitsProcessor(config, torch.device(device), False),
+    ]
+    added = [
+        (i, sp, r.prompt, r.output) for i, (sp, r) in enumerate(zip(params, batch, strict=True))
+    ]
+    for proc in procs:
+        proc.update_state(BatchUpdate(batch_size=rows, removed=[], added=added, moved=[]))
+    greedy = [sp.temperature < 1e-5 for sp in params]
+    prompt_len = max(len(r.prompt) for r in batch)
+    num_logprobs = [sp.logprobs for sp in params if sp.logprobs is not None]
+    metadata = SamplingMetadata(
+        temperature=per_row(lambda sp: sp.temperature),
+        all_greedy=all(greedy),
+        all_random=not any(greedy),
+        top_p=per_row(lambda sp: sp.top_p) if any(sp.top_p < 1 for sp in params) else None,
+        top_k=(
+            per_row(lambda sp: sp.top_k if 0 < sp.top_k < VOCAB else VOCAB, torch.int32)
+            if any(sp.top_k > 0 for sp in params)
+            else None
+        ),
+        generators={
+            i: torch.Generator(device=device).manual_seed(sp.seed)
+            for i, sp in enumerate(params)
+            if sp.seed is not None
+        },
+        max_num_logprobs=max(num_logprobs) if num_logprobs else None,
+        no_penalties=all(
+            sp.repetition_penalty == 1 and sp.presence_penalty == 0 and sp.frequency_penalty == 0
+            for sp in params
+        ),
+        prompt_token_ids=torch.tensor(
+            [r.prompt + [VOCAB] * (prompt_len - len(r.prompt)) for r in batch], device=device
+        ),
+        frequency_penalties=per_row(lambda sp: sp.frequency_penalty),
+        presence_penalties=per_row(lambda sp: sp.presence_penalty),
+        repetition_penalties=per_row(lambda sp: sp.repetition_penalty),
+        output_token_ids=[r.output for r in batch],
+        allowed_token_ids_mask=None,
+        bad_words_token_ids={},
+        logitsprocs=LogitsProcessors(procs),
+    )
+    logits = torch.stack([r.logits for r in batch]).to(device)
+    return Sampler(logprobs_mode=logprobs_mode)(logits, metadata)
+
+
+def v1_result(out, row: int, request: Request) -> tuple:
+    """What the request receives: its token and, if it asked, its own n + 1 logprob columns."""
+    token = out.sampled_token_ids[row].cpu()
+    n = request.params.logprobs
+    if n is None:
+        return (token,)
+    lp = out.logprobs_tensors
+    cols = slice(0, n + 1)
+    return (
+        token,
+        lp.logprob_token_ids[row, cols].cpu(),
+        lp.logprobs[row, cols].cpu(),
+        lp.selected_token_ranks[row].cpu(),
+    )
+
+
+def v1_mismatches(targets, fillers, logprobs_mode, device) -> list[tuple[int, int]]:
+    """(batch size, target) pairs whose result in the batch differs from the target alone."""
+    alone = [v1_result(v1_sample([t], logprobs_mode, device), 0, t) for t in targets]
+    mismatches = []
+    for size in BATCH_SIZES[1:]:
+        batch = list(fillers[:size])
+        count = min(len(targets), size)
+        where = [(j * size) // count for j in range(count)]
+        for j, row in enumerate(where):
+            batch[row] = targets[j]
+        out = v1_sample(batch, logprobs_mode, device)
+        for j, row in enumerate(where):
+            got = v1_result(out, row, targets[j])
+            if not all(torch.equal(a, b) for a, b in zip(got, alone[j], strict=True)):
+                mismatches.append((size, j))
+    return mismatches
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("logprobs_mode", ("raw_logprobs", "processed_logprobs"))
+def test_v1_seeded_sampling_batch_invariant(det_sampler, vllm_on_cpu, device, logprobs_mode):
+    targets = requests(6, seed=10, targets=True)
+    fillers = requests(max(BATCH_SIZES), seed=11, targets=False)
+    assert v1_mismatches(targets, fillers, logprobs_mode, device) == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vllm_v1_sampling_depends_on_batch(vllm_sampler, vllm_on_cpu, device):
+    """Without the patch: a request asking n logprobs gets the first n of the batch's topk, in
+    the tie order of that k (CPU and CUDA); on CUDA, top-k keeps the logit tied with the k-th
+    alone (sort path) but not in 8 rows or more (Triton), and processed logprobs show it."""
+    targets = requests(6, seed=10, targets=True)
+    fillers = requests(max(BATCH_SIZES), seed=11, targets=False)
+    assert v1_mismatches(targets, fillers, "processed_logprobs", device) != []
+
+
+# ----------------------------------------------------------------------------- V2 sampler
+
+
+def v2_sample(batch: list[Request], positions: list[int], device: str):
+    """The V2 runner's Sampler.sample in its order: temperature, min-p, top-k/top-p, Gumbel-max
+    keyed on (seed, position). Penalties and logit bias, which V2 applies first with one program
+    per row, are left out."""
+    gumbel = vllm_module_with_triton("vllm.v1.worker.gpu.sample.gumbel")
+    min_p = vllm_module_with_triton("vllm.v1.worker.gpu.sample.min_p")
+    params = [r.params for r in batch]
+    rows = len(batch)
+
+    def per_row(f, dtype=torch.float32):
+        return torch.tensor([f(sp) for sp in params], dtype=dtype, device=device)
+
+    # V2 keeps the lm_head's dtype (bf16) through sampling; the interpreter cannot store bf16.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    logits = torch.stack([r.logits for r in batch]).to(device, dtype)
+    idx_mapping = torch.arange(rows, dtype=torch.int32, device=device)
+    temperature = per_row(lambda sp: sp.temperature)
+    # V2 draws a random seed for requests without one.
+    seeds = per_row(
+        lambda sp: sp.seed if sp.seed is not None else random.randrange(2**62), torch.int64
+    )
+    gumbel.apply_temperature(logits, idx_mapping, temperature)
+    min_p.apply_min_p(logits, idx_mapping, per_row(lambda sp: sp.min_p))
+    top_k = per_row(lambda sp: sp.top_k if 0 < sp.top_k < VOCAB else VOCAB, torch.int32)
+    top_p = per_row(lambda sp: sp.top_p)
+    logits = apply_top_k_top_p(
+        logits,
+        top_k if (top_k != VOCAB).any() else None,
+        top_p if (top_p != 1).any() else None,
+    )
+    pos = torch.tensor(positions, dtype=torch.int64, device=device)
+    return gumbel.gumbel_sample(
+        logits, idx_mapping, temperature, seeds, pos, apply_temperature=False
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_v2_seeded_sampling_batch_invariant(device):
+    """Chunked prefill and preemption only move a (request, position) to another batch."""
+    targets = requests(6, seed=20, targets=True)
+    fillers = requests(max(BATCH_SIZES), seed=21, targets=False)
+    positions = [40 + 3 * j for j in range(len(targets))]
+    alone = [v2_sample([t], [positions[j]], device) for j, t in enumerate(targets)]
+    for size in (2, 7, 8, 9, 256):  # 64 left out: the interpreter runs three kernels per row
+        batch, pos = list(fillers[:size]), list(range(size))
+        count = min(len(targets), size)
+        where = [(j * size) // count for j in range(count)]
+        for j, row in enumerate(where):
+            batch[row], pos[row] = targets[j], positions[j]
+        tokens = v2_sample(batch, pos, device)
+        for j, row in enumerate(where):
+            assert torch.equal(tokens[row : row + 1], alone[j]), (size, j)
+
+
+def v2_logprob_columns(logprob, logits, sampled, n_max, rows, n):
+    """Each of `rows`, with its own n + 1 of compute_topk_scores's columns."""
+    out = logprob.compute_topk_scores(logits, n_max, sampled)
+    return [
+        (out.logprob_token_ids[r, : n + 1], out.logprobs[r, : n + 1], out.selected_token_ranks[r])
+        for r in rows
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("patched", (True, False), ids=("det_backend", "vllm"))
+def test_v2_logprobs_batch_invariant(monkeypatch, device, patched):
+    """compute_topk_scores with k = the batch's largest logprobs: each row's own n + 1 columns."""
+    if not patched and device == "cuda":
+        pytest.skip("how CUDA's topk orders ties for k=5 and k=20 of 64 rows is not established")
+    logprob = vllm_module_with_triton("vllm.v1.worker.gpu.sample.logprob")
+    monkeypatch.setattr(
+        logprob, "torch", sampler_patch.TORCH_WITH_ROW_LOCAL_TOPK if patched else torch
+    )
+    logits = bf16_logits(64, VOCAB, seed=30, device=device).to(torch.bfloat16)
+    sampled = torch.randint(0, VOCAB, (64,), device=device)
+    batch = v2_logprob_columns(logprob, logits, sampled, 20, range(64), 5)
+    alone = [
+        v2_logprob_columns(logprob, logits[r : r + 1], sampled[r : r + 1], 5, [0], 5)[0]
+        for r in range(64)
+    ]
+    same = all(
+        torch.equal(a, b)
+        for ra, rb in zip(batch, alone, strict=True)
+        for a, b in zip(ra, rb, strict=True)
+    )
+    assert same == patched
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_top_k_top_p_batch_invariant_at_full_vocab_gpu(dtype):
+    rows, vocab = 256, 152064
+    x = bf16_logits(rows, vocab, seed=50, device="cuda").to(dtype)
+    g = torch.Generator().manual_seed(51)
+    k = torch.randint(1, 2000, (rows,), generator=g).cuda()
+    k[::3] = vocab
+    p = (0.5 + 0.5 * torch.rand(rows, generator=g)).cuda()
+
+    def fn(t):
+        m = t.shape[0]
+        return apply_top_k_top_p(t.clone(), k[:m], p[:m])
+
+    assert prefixes_that_change(fn, x, (1, 2, 7, 8, 9, 64, 255)) == []
+
+
+@pytest.mark.gpu
+def test_vllm_top_k_top_p_depends_on_batch_size_on_gpu():
+    """vLLM 0.26 on CUDA: fewer than 8 rows take the sort path (keeps every logit tied with the
+    k-th), 8 or more the Triton pivot search (keeps exactly k). Ours: one set at every size."""
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    rows, vocab = 16, 32000
+    x = bf16_logits(rows, vocab, seed=40, device="cuda")
+    k = torch.full((rows,), 50, dtype=torch.int32, device="cuda")
+    values, indices = x.topk(51)
+    x.scatter_(1, indices[:, 50:], values[:, 49:50])  # the 51st ties the 50th in every row
+
+    def alone_vs_batch(fn) -> bool:
+        full = fn(x.clone(), k, None)
+        return all(
+            torch.equal(fn(x[r : r + 1].clone(), k[r : r + 1], None), full[r : r + 1])
+            for r in range(rows)
+        )
+
+    assert not alone_vs_batch(topk_topp_sampler.apply_top_k_top_p)
+    assert alone_vs_batch(apply_top_k_top_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_vllm_v1_generator_rewind_matches_one_draw_on_gpu(dtype):
+    """The V1 runner undoes a discarded chunked-prefill draw with set_offset(offset - 4)
+    (gpu_model_runner.py:3692-3695): one exponential_ over a vocabulary row must advance the
+    CUDA Philox offset by exactly 4, whatever the batch the row sits in."""
+    for rows in (1, 8, 256):
+        q = torch.empty(rows, 152064, dtype=dtype, device="cuda")
+        g = torch.Generator(device="cuda").manual_seed(7)
+        before = g.get_offset()
+        q[rows // 2].exponential_(generator=g)
+        assert g.get_offset() - before == 4
