@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_run.sh attention  attention vs FA3 (attention.json)
 #   bash benchmarks/gpu_run.sh matrix     invariance matrix through vllm serve (invariance_matrix.json)
 #   bash benchmarks/gpu_run.sh ab         end-to-end throughput A/B (ab_throughput.json)
+#   bash benchmarks/gpu_run.sh moe        our MoE vs vLLM's fused MoE (moe.json)
+#   bash benchmarks/gpu_run.sh sampling   our top-k/top-p and logprob topk vs vLLM's (sampling.json)
 #   bash benchmarks/gpu_run.sh all
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -36,7 +38,9 @@ if [[ $what == *" smoke "* || $what == *" all "* ]]; then
   rc=$(( rc | ${PIPESTATUS[0]} ))
 fi
 if [[ $what == *" e2e "* || $what == *" all "* ]]; then
-  DET_RESULTS_DIR="$OUT" python3 -m pytest -q -s -m slow "$REPO/tests/test_e2e.py" -p no:cacheprovider 2>&1 \
+  # E2E_K: a pytest -k expression choosing among the end-to-end tests (default: all).
+  DET_RESULTS_DIR="$OUT" python3 -m pytest -q -s -m slow "$REPO/tests/test_e2e.py" -p no:cacheprovider \
+    ${E2E_K:+-k "$E2E_K"} 2>&1 \
     | tee "$OUT/e2e.log" | grep -v -E '^\s*$' | tail -60
   rc=$(( rc | ${PIPESTATUS[0]} ))
 fi
@@ -53,7 +57,7 @@ if [[ $what == *" matrix "* ]]; then
     -p no:cacheprovider > "$OUT/matrix.log" 2>&1
   rc=$(( rc | $? )); tail -15 "$OUT/matrix.log"
 fi
-for bench in rmsnorm attention; do
+for bench in rmsnorm attention moe sampling; do
   if [[ $what == *" $bench "* ]]; then
     python3 "$REPO/benchmarks/$bench.py" --out "$OUT/$bench.json" > "$OUT/$bench.log" 2>&1
     rc=$(( rc | $? )); tail -4 "$OUT/$bench.log"

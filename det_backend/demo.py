@@ -25,6 +25,9 @@ CONFIGS = {
     "small": "llama-small.json",
     "llama-3-8b": "llama-3-8b.json",
     "qwen3-8b": "qwen3-8b.json",
+    # MoE shapes at full widths, 4 decoder layers (enough to test; quick to start).
+    "mixtral-8x7b-4l": "mixtral-8x7b-4l.json",
+    "qwen3-30b-a3b-4l": "qwen3-30b-a3b-4l.json",
 }
 # name -> how its engine is made: attention backend, and environment for its process.
 BACKENDS = {
@@ -106,16 +109,27 @@ def engine_worker(args: argparse.Namespace) -> None:
     tag = f"[{args.engine_worker}]"
     results = {}
     for w in plan["workloads"]:
-        params = SamplingParams(
-            temperature=0.0,
-            max_tokens=w["max_tokens"],
-            logprobs=1,
-            ignore_eos=True,
-            detokenize=False,
-        )
+        sampling = w.get("sampling") or {"temperature": 0.0}
+
+        def params_for(index: int | None, sampling=sampling, w=w) -> SamplingParams:
+            # Seeded sampling: each prompt its own seed, the same alone and in the batch.
+            seed = None if index is None or "seed" not in sampling else sampling["seed"] + index
+            extra = {k: v for k, v in sampling.items() if k != "seed"}
+            return SamplingParams(
+                **extra,
+                seed=seed,
+                max_tokens=w["max_tokens"],
+                logprobs=1,
+                ignore_eos=True,
+                detokenize=False,
+            )
+
+        params = [params_for(i) for i in range(len(w["prompts"]))]
         inputs = [TokensPrompt(prompt_token_ids=p) for p in w["prompts"]]
         print(f"{tag} {w['name']}: warm-up batch", flush=True)
-        llm.generate([TokensPrompt(prompt_token_ids=p) for p in w["warmup_prompts"]], params)
+        llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in w["warmup_prompts"]], params_for(None)
+        )
         print(f"{tag} {w['name']}: batch of {len(inputs)} prompts (timed)", flush=True)
         start = time.perf_counter()
         batch = _outputs(llm.generate(inputs, params))
@@ -125,7 +139,7 @@ def engine_worker(args: argparse.Namespace) -> None:
         alone = []
         for i, p in enumerate(inputs[: w["num_alone"]]):
             print(f"\r{tag} prompts alone: {i + 1}/{w['num_alone']}", end="", flush=True)
-            alone += _outputs(llm.generate([p], params, use_tqdm=False))
+            alone += _outputs(llm.generate([p], params[i], use_tqdm=False))
         print(flush=True)
         results[w["name"]] = {
             "backend": args.engine_worker,
@@ -175,9 +189,13 @@ def workload(
     vocab: int,
     min_len: int = 64,
     max_len: int = 512,
+    sampling: dict | None = None,
 ) -> dict:
+    """sampling: SamplingParams fields (temperature, top_k, top_p, min_p, ...) and "seed", the
+    first prompt's seed (prompt i gets seed + i); None means greedy."""
     return {
         "name": name,
+        "sampling": sampling,
         "max_tokens": max_tokens,
         "num_alone": num_alone,
         "prompt_lengths": [min_len, max_len],
@@ -260,10 +278,11 @@ def compare(
     num_alone: int | None = None,
     backends: tuple[str, ...] = ("default", "det"),
     verbose: bool = False,
+    sampling: dict | None = None,
 ) -> dict:
     """The demo's comparison: one workload, every prompt (or `num_alone`) also alone."""
     num_alone = num_prompts if num_alone is None else num_alone
-    w = workload("main", num_prompts, max_tokens, num_alone, vocab_size(config))
+    w = workload("main", num_prompts, max_tokens, num_alone, vocab_size(config), sampling=sampling)
     result = run_backends(config, [w], backends, verbose=verbose)
     return {"config": config, **result["workloads"]["main"]}
 

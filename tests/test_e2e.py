@@ -26,3 +26,39 @@ def test_llama8b_alone_equals_batch_and_default_differs():
     assert det["identical_alone_vs_batch"] == det["prompts_alone"] == 64
     assert det["identical_batch_repeat"] == det["prompts_batch"]
     assert default["identical_alone_vs_batch"] < default["prompts_alone"]
+
+
+def _keep(name: str, result: dict, command: str) -> None:
+    if os.environ.get("DET_RESULTS_DIR"):
+        result["command"] = (
+            f"DET_RESULTS_DIR=DIR python -m pytest -m slow tests/test_e2e.py {command}"
+        )
+        Path(os.environ["DET_RESULTS_DIR"], f"{name}.json").write_text(json.dumps(result, indent=2))
+
+
+# Every sampling knob vLLM batches differently (top-k/top-p switch kernels at 8 rows).
+SEEDED = {"temperature": 0.8, "top_k": 50, "top_p": 0.9, "min_p": 0.02, "seed": 1000}
+
+
+def test_seeded_sampling_alone_equals_batch_and_default_differs():
+    """T > 0 with a seed per request: the same tokens and logprobs alone and in a batch of 64."""
+    result = compare("small", num_prompts=64, max_tokens=64, sampling=SEEDED)
+    _keep("e2e_seeded_sampling", result, "-k seeded")
+    runs = {r["backend"]: r for r in result["runs"]}
+    det, default = runs["det"], runs["default"]
+    assert det["identical_alone_vs_batch"] == det["prompts_alone"] == 64
+    assert det["identical_batch_repeat"] == det["prompts_batch"]
+    assert default["identical_alone_vs_batch"] < default["prompts_alone"]
+
+
+@pytest.mark.parametrize("config", ["mixtral-8x7b-4l", "qwen3-30b-a3b-4l"])
+def test_moe_alone_equals_batch_and_default_differs(config):
+    """Mixture-of-experts shapes (full widths, 4 layers): routing, grouped GEMMs and the
+    combine of expert outputs give each prompt the same bits alone and in a batch of 32."""
+    result = compare(config, num_prompts=32, max_tokens=64)
+    _keep(f"e2e_{config}", result, f"-k {config}")
+    runs = {r["backend"]: r for r in result["runs"]}
+    det, default = runs["det"], runs["default"]
+    assert det["identical_alone_vs_batch"] == det["prompts_alone"] == 32
+    assert det["identical_batch_repeat"] == det["prompts_batch"]
+    assert default["identical_alone_vs_batch"] < default["prompts_alone"]
