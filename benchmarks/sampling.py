@@ -20,7 +20,7 @@ from harness import bench, copy_bandwidth, geomean, main, pyplot, run_info
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 VOCAB = 152064
-CASES = ("top_k=50", "top_p=0.9", "top_k=50,top_p=0.9", "logprobs_topk=20")
+CASES = ("top_k=50", "top_p=0.9", "top_k=50,top_p=0.9", "logprobs_topk=1", "logprobs_topk=20")
 
 
 def _on_a_copy(mask, logits, k, p):
@@ -43,10 +43,11 @@ def run() -> dict:
         p = torch.full((rows,), 0.9, device="cuda")
         clone_ms = bench(lambda logits=logits: logits.clone())
         for case in CASES:
-            if case == "logprobs_topk=20":
+            if case.startswith("logprobs_topk="):
+                n = int(case.split("=")[1])
                 logprobs = logits.log_softmax(-1)
-                ours = functools.partial(topk_lowest_index_first, logprobs, 20)
-                theirs = functools.partial(torch.topk, logprobs, 20, dim=-1)
+                ours = functools.partial(topk_lowest_index_first, logprobs, n)
+                theirs = functools.partial(torch.topk, logprobs, n, dim=-1)
             else:
                 kk = k if "top_k" in case else None
                 pp = p if "top_p" in case else None

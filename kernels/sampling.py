@@ -181,6 +181,11 @@ def topk_lowest_index_first(x: torch.Tensor, k: int) -> torch.return_types.topk:
     rows, vocab = x.shape
     if not 0 <= k <= vocab:
         raise ValueError(f"det_backend: topk k={k} not in [0, {vocab}]")
+    if k == 1 and vocab > 0:
+        # One column (vLLM's logprobs=0/1 case): max reports the first of tied maxima, the
+        # same choice as the packed keys below, without their int64 copy of the row.
+        values, indices = x.max(dim=-1, keepdim=True)
+        return torch.return_types.topk((values, indices))
     reverse_index = vocab - 1 - torch.arange(vocab, dtype=torch.int64, device=x.device)
     indices = torch.empty(rows, k, dtype=torch.int64, device=x.device)
     step = max(1, _TOPK_CHUNK_ELEMENTS // max(vocab, 1))

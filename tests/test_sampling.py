@@ -521,3 +521,16 @@ def test_vllm_v1_generator_rewind_matches_one_draw_on_gpu(dtype):
         before = g.get_offset()
         q[rows // 2].exponential_(generator=g)
         assert g.get_offset() - before == 4
+
+
+def test_topk_one_column_takes_the_first_of_tied_maxima():
+    """k=1 (the common logprobs=1 case) uses max, which must pick what the packed keys pick."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(37, 1000, generator=gen).to(torch.bfloat16).float()
+    x[:, 500] = x.max(dim=-1).values  # a tie at the max, after the first maximum
+    x[3, :] = 1.0  # a whole row tied
+    got = topk_lowest_index_first(x, 1)
+    keys = topk_lowest_index_first(x, 2)  # the packed-key path
+    assert torch.equal(got.indices, keys.indices[:, :1])
+    assert torch.equal(got.values, keys.values[:, :1])
+    assert got.indices[3, 0].item() == 0
