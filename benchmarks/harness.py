@@ -31,6 +31,28 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values))
 
 
+def time_pair(ours, theirs, nbytes: int, bandwidth: float, name: str = "vllm") -> dict:
+    """Ours vs `name`, side by side: times, the ratio (theirs / ours, > 1: ours faster),
+    ours in GB/s of `nbytes` moved, and the memory-bound floor at `bandwidth` bytes/s."""
+    p = {"ours_ms": bench(ours), f"{name}_ms": bench(theirs)}
+    p[f"speedup_vs_{name}"] = p[f"{name}_ms"] / p["ours_ms"]
+    p["ours_GBps"] = nbytes / (p["ours_ms"] * 1e-3) / 1e9
+    p["floor_ms"] = nbytes / bandwidth * 1e3
+    return p
+
+
+def speedup_summary(points: list[dict], bandwidth: float, name: str = "vllm") -> dict:
+    """The JSON's head: run_info, the measured copy bandwidth, geomean and min of the ratio."""
+    ratios = [p[f"speedup_vs_{name}"] for p in points]
+    return {
+        **run_info(),
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        f"geomean_speedup_vs_{name}": geomean(ratios),
+        f"min_speedup_vs_{name}": min(ratios),
+        "points": points,
+    }
+
+
 def run_info() -> dict:
     import torch
     import triton

@@ -9,7 +9,7 @@ Speed-up = vLLM time / ours; GB/s counts each tensor read or written once.
 
 from __future__ import annotations
 
-from harness import bench, copy_bandwidth, geomean, main, pyplot, run_info
+from harness import copy_bandwidth, main, pyplot, speedup_summary, time_pair
 
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 HIDDEN = (4096, 5120, 8192)
@@ -47,30 +47,15 @@ def run() -> dict:
             }
             for op, (ours, theirs, tensors) in cases.items():
                 nbytes = tensors * x.numel() * x.element_size()
-                p = {
-                    "op": op,
-                    "tokens": tokens,
-                    "hidden": hidden,
-                    "ours_ms": bench(ours),
-                    "vllm_ms": bench(theirs),
-                }
-                p["speedup_vs_vllm"] = p["vllm_ms"] / p["ours_ms"]
-                p["ours_GBps"] = nbytes / (p["ours_ms"] * 1e-3) / 1e9
-                p["floor_ms"] = nbytes / bandwidth * 1e3
+                p = {"op": op, "tokens": tokens, "hidden": hidden}
+                p.update(time_pair(ours, theirs, nbytes, bandwidth))
                 points.append(p)
                 print(
                     f"{op:>18} T={tokens:<6} H={hidden} ours {p['ours_ms']:.4f} ms  "
                     f"vLLM {p['vllm_ms']:.4f}  x{p['speedup_vs_vllm']:.2f}",
                     flush=True,
                 )
-    ratios = [p["speedup_vs_vllm"] for p in points]
-    return {
-        **run_info(),
-        "copy_bandwidth_GBps": bandwidth / 1e9,
-        "geomean_speedup_vs_vllm": geomean(ratios),
-        "min_speedup_vs_vllm": min(ratios),
-        "points": points,
-    }
+    return speedup_summary(points, bandwidth)
 
 
 def plot(data: dict):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 
-from harness import bench, copy_bandwidth, geomean, main, pyplot, run_info
+from harness import bench, copy_bandwidth, main, pyplot, speedup_summary, time_pair
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 VOCAB = 152064
@@ -54,26 +54,15 @@ def run() -> dict:
                 ours = _on_a_copy(apply_top_k_top_p, logits, kk, pp)
                 theirs = _on_a_copy(vllm_apply_top_k_top_p, logits, kk, pp)
             pt = {"case": case, "rows": rows, "vocab": VOCAB, "clone_ms": clone_ms}
-            pt["ours_ms"] = bench(ours)
-            pt["vllm_ms"] = bench(theirs)
-            pt["speedup_vs_vllm"] = pt["vllm_ms"] / pt["ours_ms"]
             nbytes = logits.numel() * logits.element_size()
-            pt["ours_GBps"] = nbytes / (pt["ours_ms"] * 1e-3) / 1e9
-            pt["floor_ms"] = nbytes / bandwidth * 1e3
+            pt.update(time_pair(ours, theirs, nbytes, bandwidth))
             points.append(pt)
             print(
                 f"{case:>20} rows={rows:<4} ours {pt['ours_ms']:.4f} ms  "
                 f"vLLM {pt['vllm_ms']:.4f}  x{pt['speedup_vs_vllm']:.2f}",
                 flush=True,
             )
-    ratios = [pt["speedup_vs_vllm"] for pt in points]
-    return {
-        **run_info(),
-        "copy_bandwidth_GBps": bandwidth / 1e9,
-        "geomean_speedup_vs_vllm": geomean(ratios),
-        "min_speedup_vs_vllm": min(ratios),
-        "points": points,
-    }
+    return speedup_summary(points, bandwidth)
 
 
 def plot(data: dict):
