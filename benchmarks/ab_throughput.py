@@ -2,6 +2,7 @@
 weights, the same prompts for vLLM's default, `VLLM_BATCH_INVARIANT=1`, and det_backend.
 
     python benchmarks/ab_throughput.py --out ab_throughput.json [--config llama-3-8b]
+    python benchmarks/ab_throughput.py --plot ab_throughput.json     # the PNG next to it
 
 Workloads: 256 prompts of 64-512 tokens with 128 new tokens, and a decode-heavy one (64
 prompts, 1024 new). Each engine first runs a warm-up batch of other prompts, so the timed
@@ -17,6 +18,37 @@ from pathlib import Path
 from det_backend.demo import run_backends, vocab_size, workload
 
 BACKENDS = ("default", "vllm_batch_invariant", "det")
+LABELS = {
+    "default": "vLLM default",
+    "vllm_batch_invariant": "VLLM_BATCH_INVARIANT=1",
+    "det": "det_backend",
+}
+
+
+def plot(data: dict, png: Path) -> None:
+    """Tokens/s per backend, one group of bars per workload, ratio to the default on top."""
+    from harness import pyplot
+
+    plt = pyplot()
+    names = list(data["workloads"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(BACKENDS)
+    for i, backend in enumerate(BACKENDS):
+        key = "default_tok_s" if backend == "default" else f"{backend}_tok_s"
+        values = [data["workloads"][n][key] for n in names]
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        ax.bar(xs, values, width, label=LABELS[backend])
+        for x, v, n in zip(xs, values, names, strict=True):
+            ratio = v / data["workloads"][n]["default_tok_s"]
+            ax.text(x, v, f"{ratio:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"end to end, {data['config']} shapes, {data['gpu']}, vLLM {data['vllm']}")
+    top = max(w["default_tok_s"] for w in data["workloads"].values())
+    ax.set_ylim(0, top * 1.3)
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
 
 
 def main() -> None:
@@ -26,7 +58,11 @@ def main() -> None:
     parser.add_argument("--config", default="llama-3-8b")
     parser.add_argument("--out", default="ab_throughput.json")
     parser.add_argument("--alone", type=int, default=16, help="det prompts also run alone")
+    parser.add_argument("--plot", metavar="JSON", help="draw JSON's PNG next to it, run nothing")
     args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return
     vocab = vocab_size(args.config)
     workloads = [
         workload("prefill_mix", 256, 128, args.alone, vocab),
@@ -62,6 +98,7 @@ def main() -> None:
     for key in ("default_tok_s", "vllm_batch_invariant_tok_s", "det_tok_s", "identical_fraction"):
         summary[key] = head[key]
     Path(args.out).write_text(json.dumps(summary, indent=2))
+    plot(summary, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":
