@@ -53,6 +53,14 @@ def speedup_summary(points: list[dict], bandwidth: float, name: str = "vllm") ->
     }
 
 
+def speedup_line(result: dict, name: str = "vllm") -> str:
+    """The one-line summary a benchmark prints after its JSON is written."""
+    return (
+        f"geomean speed-up vs {name} {result[f'geomean_speedup_vs_{name}']:.3f}, "
+        f"min {result[f'min_speedup_vs_{name}']:.3f} on {result['gpu']}"
+    )
+
+
 def run_info() -> dict:
     import torch
     import triton

@@ -9,7 +9,7 @@ Speed-up = vLLM time / ours; GB/s counts each tensor read or written once.
 
 from __future__ import annotations
 
-from harness import copy_bandwidth, main, pyplot, speedup_summary, time_pair
+from harness import copy_bandwidth, main, pyplot, speedup_line, speedup_summary, time_pair
 
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 HIDDEN = (4096, 5120, 8192)
@@ -81,12 +81,5 @@ def plot(data: dict):
     return fig
 
 
-def _summary(result: dict) -> str:
-    return (
-        f"geomean speed-up vs vLLM {result['geomean_speedup_vs_vllm']:.3f}, "
-        f"min {result['min_speedup_vs_vllm']:.3f} on {result['gpu']}"
-    )
-
-
 if __name__ == "__main__":
-    main(__doc__, "rmsnorm.json", lambda a: run(), plot, _summary)
+    main(__doc__, "rmsnorm.json", lambda a: run(), plot, speedup_line)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 
-from harness import bench, copy_bandwidth, main, pyplot, speedup_summary, time_pair
+from harness import bench, copy_bandwidth, main, pyplot, speedup_line, speedup_summary, time_pair
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 VOCAB = 152064
@@ -81,12 +81,5 @@ def plot(data: dict):
     return fig
 
 
-def _summary(result: dict) -> str:
-    return (
-        f"geomean speed-up vs vLLM {result['geomean_speedup_vs_vllm']:.3f}, "
-        f"min {result['min_speedup_vs_vllm']:.3f} on {result['gpu']}"
-    )
-
-
 if __name__ == "__main__":
-    main(__doc__, "sampling.json", lambda a: run(), plot, _summary)
+    main(__doc__, "sampling.json", lambda a: run(), plot, speedup_line)

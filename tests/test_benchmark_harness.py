@@ -28,3 +28,8 @@ def test_speedup_summary_geomean_and_min(monkeypatch):
     assert math.isclose(s["geomean_speedup_vs_vllm"], 1.0)
     assert s["min_speedup_vs_vllm"] == 0.5
     assert math.isclose(s["copy_bandwidth_GBps"], 3000.0)
+
+
+def test_speedup_line_names_the_baseline_and_gpu():
+    result = {"geomean_speedup_vs_vllm": 0.9712, "min_speedup_vs_vllm": 0.25, "gpu": "G"}
+    assert harness.speedup_line(result) == "geomean speed-up vs vllm 0.971, min 0.250 on G"
