@@ -31,13 +31,22 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values))
 
 
-def time_pair(ours, theirs, nbytes: int, bandwidth: float, name: str = "vllm") -> dict:
+def time_pair(
+    ours, theirs, nbytes: int, bandwidth: float, name: str = "vllm", label: str | None = None
+) -> dict:
     """Ours vs `name`, side by side: times, the ratio (theirs / ours, > 1: ours faster),
-    ours in GB/s of `nbytes` moved, and the memory-bound floor at `bandwidth` bytes/s."""
+    ours in GB/s of `nbytes` moved, and the memory-bound floor at `bandwidth` bytes/s.
+    With `label`, the point is also printed as a progress line."""
     p = {"ours_ms": bench(ours), f"{name}_ms": bench(theirs)}
     p[f"speedup_vs_{name}"] = p[f"{name}_ms"] / p["ours_ms"]
     p["ours_GBps"] = nbytes / (p["ours_ms"] * 1e-3) / 1e9
     p["floor_ms"] = nbytes / bandwidth * 1e3
+    if label is not None:
+        print(
+            f"{label} ours {p['ours_ms']:.4f} ms  {name} {p[f'{name}_ms']:.4f}  "
+            f"x{p[f'speedup_vs_{name}']:.2f}",
+            flush=True,
+        )
     return p
 
 

@@ -48,13 +48,9 @@ def run() -> dict:
             for op, (ours, theirs, tensors) in cases.items():
                 nbytes = tensors * x.numel() * x.element_size()
                 p = {"op": op, "tokens": tokens, "hidden": hidden}
-                p.update(time_pair(ours, theirs, nbytes, bandwidth))
+                label = f"{op:>18} T={tokens:<6} H={hidden}"
+                p.update(time_pair(ours, theirs, nbytes, bandwidth, label=label))
                 points.append(p)
-                print(
-                    f"{op:>18} T={tokens:<6} H={hidden} ours {p['ours_ms']:.4f} ms  "
-                    f"vLLM {p['vllm_ms']:.4f}  x{p['speedup_vs_vllm']:.2f}",
-                    flush=True,
-                )
     return speedup_summary(points, bandwidth)
 
 

@@ -55,13 +55,9 @@ def run() -> dict:
                 theirs = _on_a_copy(vllm_apply_top_k_top_p, logits, kk, pp)
             pt = {"case": case, "rows": rows, "vocab": VOCAB, "clone_ms": clone_ms}
             nbytes = logits.numel() * logits.element_size()
-            pt.update(time_pair(ours, theirs, nbytes, bandwidth))
+            label = f"{case:>20} rows={rows:<4}"
+            pt.update(time_pair(ours, theirs, nbytes, bandwidth, label=label))
             points.append(pt)
-            print(
-                f"{case:>20} rows={rows:<4} ours {pt['ours_ms']:.4f} ms  "
-                f"vLLM {pt['vllm_ms']:.4f}  x{pt['speedup_vs_vllm']:.2f}",
-                flush=True,
-            )
     return speedup_summary(points, bandwidth)
 
 
