@@ -236,7 +236,7 @@ MATMUL_CANDIDATES: tuple[MatmulConfig, ...] = (
         for split_k in (2, 4)
         for *tile, kind in (
             (16, 64, 256, 8, 4, 3, "split_k"),
-            (16, 128, 128, 8, 4, 4, "split_k"),
+            (16, 128, 128, 8, 8, 4, "split_k"),
             (32, 64, 128, 8, 4, 4, "split_k"),
             (64, 64, 128, 8, 4, 4, "split_k"),
             (64, 128, 64, 8, 4, 4, "split_k"),
@@ -447,18 +447,15 @@ def _matmul_kernel(
                 stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
             )  # fmt: skip
         else:
-            # The chunks one after the other, each from zero, added in chunk order: the
-            # same sum as the partials kernel plus _split_k_reduce_kernel.
-            for chunk in tl.static_range(SPLIT_K):
-                part = _dot_chunk(
+            # The chunks one after the other, each from zero, added in chunk order to a zero
+            # sum: the same additions as the partials kernel plus _split_k_reduce_kernel.
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for chunk in range(0, SPLIT_K):
+                acc += _dot_chunk(
                     x_ptr, w_ptr, offs_xm, offs_wn, chunk * K_CHUNK,
                     _chunk_len(K, K_CHUNK, chunk),
                     stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                 )  # fmt: skip
-                if chunk == 0:
-                    acc = part
-                else:
-                    acc = acc + part
         _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym, stride_yn, HAS_BIAS)
 
 
@@ -480,11 +477,33 @@ def _split_k_reduce_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    # Chunk order, starting from chunk 0's sum: the in-program kernels add the same way.
-    acc = tl.load(p_ptrs, mask=mask, other=0.0)
-    for chunk in tl.static_range(1, SPLIT_K):
-        acc = acc + tl.load(p_ptrs + chunk * M.to(tl.int64) * N, mask=mask, other=0.0)
+    # Chunk order, into a zero sum: the in-program kernels add the same way.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for chunk in tl.static_range(SPLIT_K):
+        acc += tl.load(p_ptrs + chunk * M.to(tl.int64) * N, mask=mask, other=0.0)
     _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym, stride_yn, HAS_BIAS)
+
+
+@triton.jit
+def _tma_dot_chunk(
+    x_desc,
+    w_desc,
+    off_m,
+    off_n,
+    k_start,
+    k_len,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # _dot_chunk through TMA descriptors: [BLOCK_M, BLOCK_K] x tiles, [BLOCK_N, BLOCK_K] weight
+    # tiles read transposed.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(k_len, BLOCK_K)):
+        x = x_desc.load([off_m, k_start + k * BLOCK_K])
+        w = w_desc.load([off_n, k_start + k * BLOCK_K])
+        acc = tl.dot(x, w.T, acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit(launch_metadata=_matmul_launch_metadata)
@@ -523,25 +542,19 @@ def _matmul_tma_kernel(
         pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        # The same sum as _matmul_kernel: chunks in order, each walked in BLOCK_K steps from
-        # zero into fp32. TMA returns zeros past K, M and N: no masks, and padded rows and
-        # columns are never stored. Chunks are multiples of BLOCK_K (k_chunk), so a step never
-        # reads into the next chunk.
-        for chunk in tl.static_range(SPLIT_K):
-            k_start = chunk * K_CHUNK
-            if SPLIT_K == 1:
-                k_steps = tl.cdiv(K, BLOCK_K)
-            else:
-                k_steps = tl.cdiv(_chunk_len(K, K_CHUNK, chunk), BLOCK_K)
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for ki in range(0, k_steps):
-                x = x_desc.load([off_m, k_start + ki * BLOCK_K])
-                w = w_desc.load([off_n, k_start + ki * BLOCK_K])
-                part = tl.dot(x, w.T, part, input_precision="ieee")
-            if chunk == 0:
-                acc = part
-            else:
-                acc = acc + part
+        # The same sums as _matmul_kernel: each chunk walked in BLOCK_K steps from zero into
+        # fp32, the chunks added in order to a zero sum. TMA returns zeros past K, M and N:
+        # no masks, and padded rows and columns are never stored. Chunks are multiples of
+        # BLOCK_K (k_chunk), so a step never reads into the next chunk.
+        if SPLIT_K == 1:
+            acc = _tma_dot_chunk(x_desc, w_desc, off_m, off_n, 0, K, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for chunk in range(0, SPLIT_K):
+                acc += _tma_dot_chunk(
+                    x_desc, w_desc, off_m, off_n, chunk * K_CHUNK,
+                    _chunk_len(K, K_CHUNK, chunk), BLOCK_M, BLOCK_N, BLOCK_K,
+                )  # fmt: skip
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym, stride_yn, HAS_BIAS)
