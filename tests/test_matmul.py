@@ -367,8 +367,9 @@ def test_matmul_lm_head_matches_float64_gpu(device, m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=dtype_id)
-def test_matmul_other_dtypes_gpu(device, dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=dtype_id)
+def test_matmul_ragged_every_config_gpu(device, dtype):
+    # M, N and K tails for every tile (TMA pads them with zeros, the others mask or wrap).
     # fp32 goes through the ieee (non-TF32) dot and fewer pipeline stages.
     m, n, k = 300, 1000, 1000
     x = randn(m, k, dtype=dtype, device=device, seed=25)
@@ -440,3 +441,79 @@ def test_matmul_cuda_graph_replay_bitwise_equal(device):
     static_x.copy_(randn(64, k, dtype=torch.bfloat16, device=device, seed=40))
     graph.replay()
     assert torch.equal(static_y, matmul(static_x, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (6144, 4096)])  # o, down, qkv
+def test_matmul_split_k_rows_equal_across_m_gpu(device, n, k):
+    # The small-N layers a split_k table would serve: parallel chunks at small M, in-program
+    # chunks (plain, TMA) at large M, and row r the same bits at every M.
+    x = randn(512, k, dtype=torch.bfloat16, device=device, seed=60)
+    w = randn(n, k, dtype=torch.bfloat16, device=device, seed=61)
+    bias = randn(n, dtype=torch.bfloat16, device=device, seed=62)
+    for split_k, group in CONFIG_GROUPS.items():
+        if split_k == 1:
+            continue
+        full = matmul(x, w, bias, config=next(c for c in group if c.kind == "tma_persistent"))
+        torch.testing.assert_close(
+            full.double(), matmul_reference(x, w, bias), **tolerance(torch.bfloat16, k)
+        )
+        for c in group:
+            ms = (1, 7, 16, 33, 64, 128) if c.kind == "split_k" else (128, 257, 512)
+            for m in ms:
+                assert torch.equal(matmul(x[:m], w, bias, config=c), full[:m]), (c, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ONE_PER_KIND, ids=config_id)
+def test_matmul_cuda_graph_replay_bitwise_equal_per_kind_gpu(device, config):
+    # TMA descriptors and split-K partials are made on the host / allocated at capture; replay
+    # must still give eager's bits, for the captured input and for new values in it.
+    n, k, m = 4096, 4096, 256
+    w = randn(n, k, dtype=torch.bfloat16, device=device, seed=63)
+    bias = randn(n, dtype=torch.bfloat16, device=device, seed=64)
+    static_x = randn(m, k, dtype=torch.bfloat16, device=device, seed=65)
+    eager = matmul(static_x, w, bias, config=config)  # also compiles before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = matmul(static_x, w, bias, config=config)
+    graph.replay()
+    assert torch.equal(static_y, eager)
+    static_x.copy_(randn(m, k, dtype=torch.bfloat16, device=device, seed=66))
+    graph.replay()
+    assert torch.equal(static_y, matmul(static_x, w, bias, config=config))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ONE_PER_KIND, ids=config_id)
+def test_matmul_launches_without_host_sync_gpu(device, config):
+    # No kind may wait for the GPU on the host (it would break capture and stall decode).
+    x = randn(256, 4096, dtype=torch.bfloat16, device=device, seed=67)
+    w = randn(4096, 4096, dtype=torch.bfloat16, device=device, seed=68)
+    matmul(x, w, config=config)  # compile outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        matmul(x, w, config=config)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_matmul_tma_inside_torch_compile_gpu(device):
+    # As patches/custom_ops.py registers it: an opaque custom op with a fake impl; compiled
+    # code calls the launcher, which builds the TMA descriptors at every call.
+    tma = next(c for c in ALL_CONFIGS if c.kind == "tma_persistent" and c.split_k == 1)
+
+    @torch.library.custom_op("det_backend_test::tma_linear", mutates_args=())
+    def tma_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return matmul(x, w, config=tma)
+
+    @tma_linear.register_fake
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    compiled = torch.compile(lambda x, w: tma_linear(x, w) * 2, fullgraph=True)
+    w = randn(4096, 4096, dtype=torch.bfloat16, device=device, seed=69)
+    for m in (128, 300):
+        x = randn(m, 4096, dtype=torch.bfloat16, device=device, seed=70 + m)
+        assert torch.equal(compiled(x, w), matmul(x, w, config=tma) * 2)
