@@ -466,6 +466,7 @@ def _split_k_reduce_kernel(
     y_ptr,  # [M, N]
     M,
     N,
+    stride_ps,  # M * N: from one chunk's partials to the next
     stride_ym,
     stride_yn,
     HAS_BIAS: tl.constexpr,
@@ -479,8 +480,9 @@ def _split_k_reduce_kernel(
     p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     # Chunk order, into a zero sum: the in-program kernels add the same way.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for chunk in tl.static_range(SPLIT_K):
-        acc += tl.load(p_ptrs + chunk * M.to(tl.int64) * N, mask=mask, other=0.0)
+    for _ in tl.static_range(SPLIT_K):
+        acc += tl.load(p_ptrs, mask=mask, other=0.0)
+        p_ptrs += stride_ps
     _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, M, N, stride_ym, stride_yn, HAS_BIAS)
 
 
@@ -661,7 +663,8 @@ def _launch_plain(x, weight, bias, y, cfg: MatmulConfig) -> None:
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
-        EVEN_K=K % cfg.block_k == 0 and (cfg.split_k == 1 or chunk % cfg.block_k == 0),
+        # Chunks are multiples of every BLOCK_K: only K itself can leave a tail.
+        EVEN_K=K % cfg.block_k == 0,
         SPLIT_K=cfg.split_k,
         PARTIALS=partials,
         num_warps=cfg.num_warps,
@@ -675,6 +678,7 @@ def _launch_plain(x, weight, bias, y, cfg: MatmulConfig) -> None:
             y,
             M,
             N,
+            out.stride(0),
             y.stride(0),
             y.stride(1),
             HAS_BIAS=bias is not None,

@@ -63,6 +63,7 @@ def resource_usage(compiled) -> dict[str, int]:
 
 
 def kernel_args(cfg: mm.MatmulConfig, x, w, y) -> tuple:
+    M = x.shape[0]
     common = {
         "bias_ptr": x,
         "M": M,
@@ -89,12 +90,22 @@ def kernel_args(cfg: mm.MatmulConfig, x, w, y) -> tuple:
     return mm._matmul_kernel, common | args
 
 
-def build_record(cfg: mm.MatmulConfig) -> dict:
-    x = torch.empty(M, K, dtype=torch.bfloat16)
+def reduce_args(m: int, split_k: int) -> dict:
+    y = torch.empty(m, N, dtype=torch.bfloat16)
+    partials = torch.empty(split_k, m, N, dtype=torch.float32)
+    args = {"p_ptr": partials, "bias_ptr": y, "y_ptr": y, "M": m, "N": N, "stride_ps": m * N}
+    args |= {"stride_ym": N, "stride_yn": 1, "HAS_BIAS": True, "SPLIT_K": split_k}
+    return args | {"BLOCK_M": 16, "BLOCK_N": 128}
+
+
+def build_record(cfg: mm.MatmulConfig, m: int = M) -> dict:
+    x = torch.empty(m, K, dtype=torch.bfloat16)
     w = torch.empty(N, K, dtype=torch.bfloat16)
-    y = torch.empty(M, N, dtype=torch.bfloat16)
+    y = torch.empty(m, N, dtype=torch.bfloat16)
     kernel, args = kernel_args(cfg, x, w, y)
     compiled = compile_sm90(kernel, args, cfg.num_warps, mm._num_stages(cfg, x.element_size()))
+    if cfg.kind == "split_k":
+        compile_sm90(mm._split_k_reduce_kernel, reduce_args(m, cfg.split_k), 4, 1)
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
     return {
         "config": list(cfg),
@@ -110,4 +121,9 @@ def build_record(cfg: mm.MatmulConfig) -> dict:
 
 if __name__ == "__main__":
     configs = [c for group in mm.all_configs().values() for c in group]
-    print(json.dumps([build_record(c) for c in configs]))
+    one_per_kind = {(c.kind, c.split_k > 1, c.warp_specialize): c for c in configs}.values()
+    records = {
+        "configs": [build_record(c) for c in configs],
+        "m1": [build_record(c, m=1) for c in one_per_kind],
+    }
+    print(json.dumps(records))

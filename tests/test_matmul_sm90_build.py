@@ -19,7 +19,7 @@ SM90_SHARED_BYTES = 227 * 1024
 
 
 @pytest.fixture(scope="module")
-def records() -> list[dict]:
+def records() -> dict[str, list[dict]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("sm90_build.py")
     out = subprocess.run(
@@ -33,9 +33,11 @@ def records() -> list[dict]:
 def test_every_matmul_config_builds_for_sm90(records):
     from det_backend.kernels.matmul import all_configs
 
-    built = {tuple(r["config"]) for r in records}
+    built = {tuple(r["config"]) for r in records["configs"]}
     assert built == {tuple(c) for group in all_configs().values() for c in group}
-    for r in records:
+    # M = 1 becomes a compile-time constant: every kind, and the split-K reduction, build.
+    assert {r["config"][7] for r in records["m1"]} == {"plain", "split_k", "tma_persistent"}
+    for r in records["configs"]:
         _, block_m, *_, kind, split_k, warp_specialize = r["config"]
         where = r["config"]
         # Tensor cores: wgmma (a 64-row warpgroup MMA) from BLOCK_M 64, mma.sync below.
