@@ -323,6 +323,27 @@ def test_matmul_tma_rejects_layouts_tma_cannot_read(device):
         matmul(x[:, 1:17], w, config=tma)
 
 
+def test_tma_kind_is_refused_below_sm90_and_tables_follow_the_family(monkeypatch):
+    # No GPU needed: the capability is read through _device_info, patched here to an A100.
+    from types import SimpleNamespace
+
+    from det_backend.kernels import matmul as mm
+
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(mm, "_device_info", lambda index: ((8, 0), 108))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    assert mm.gpu_family(cuda0) == PORTABLE
+    tma = next(c for c in ALL_CONFIGS if c.kind == "tma_persistent")
+    fake_x = SimpleNamespace(is_cuda=True, device=cuda0)
+    with pytest.raises(RuntimeError, match="needs TMA .sm_90 or newer.; NVIDIA A100 is sm_80"):
+        mm._check_config(tma, fake_x)
+    mm._check_config(MATMUL_CONFIGS[0], fake_x)  # the portable table's kind runs anywhere
+    monkeypatch.setattr(mm, "_device_info", lambda index: ((9, 0), 132))
+    assert mm.gpu_family(cuda0) == SM90
+    mm._check_config(tma, fake_x)
+    assert mm.gpu_family(torch.device("cpu")) == PORTABLE
+
+
 @pytest.mark.parametrize(
     "bad",
     [
