@@ -3,11 +3,18 @@ bf16, Llama-3-8B and Qwen3-32B linear-layer shapes, M from 1 to 8192, side by si
 process on the same inputs.
 
     python benchmarks/gemm.py --out gemm.json            # the table in kernels/matmul.py
-    python benchmarks/gemm.py --sweep --out sweep.json   # + every candidate tile, per point
+    python benchmarks/gemm.py --sweep --out sweep.json   # + every candidate config, per point
+    python benchmarks/gemm.py --sweep --layers llama-3-8b:o,qwen3-32b:down --out part.json
     python benchmarks/gemm.py --plot gemm.json           # PNG next to the JSON (no GPU needed)
+    python benchmarks/gemm_table.py sweep.json [more.json ...]  # MATMUL_TABLE from sweeps
 
 Speed-up = cuBLAS time / ours. The memory floor is the bytes every GEMM must move (x, weight,
 y once each) over the copy bandwidth measured in the same run.
+
+The sweep times every config of `MATMUL_CANDIDATES` (kernels/matmul.py, so the tests cover
+each one) where it makes sense (`sweep_fits`), and records None for a config whose output is
+not bitwise that of the other configs with the same split_k at that point: such a config
+could never enter a table.
 """
 
 from __future__ import annotations
@@ -30,37 +37,60 @@ SHAPES = (
     ("qwen3-32b", "gate_up", 51200, 5120),
     ("qwen3-32b", "down", 5120, 25600),
 )
-# Tile candidates for --sweep: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
-CANDIDATES = (
-    (16, 32, 128, 8, 4, 4),
-    (16, 32, 256, 8, 4, 3),
-    (16, 64, 128, 8, 4, 4),
-    (16, 64, 256, 8, 4, 3),
-    (16, 128, 128, 8, 4, 4),
-    (32, 64, 128, 8, 4, 4),
-    (32, 128, 128, 8, 4, 3),
-    (64, 64, 128, 8, 4, 4),
-    (64, 128, 64, 8, 4, 4),
-    (64, 128, 128, 8, 4, 3),
-    (64, 256, 64, 8, 8, 3),
-    (128, 128, 64, 8, 4, 4),
-    (128, 128, 64, 8, 8, 3),
-    (128, 256, 64, 8, 8, 3),
-    (128, 128, 128, 8, 8, 3),
-    (256, 128, 64, 8, 8, 3),
-)
+# TMA descriptors cost host time per launch and the persistent loop pays off with many tiles:
+# TMA configs are swept from this M. Parallel split-K writes [split_k, M, N] fp32 partials:
+# swept up to SPLIT_K_MAX_M. In-program split-K (the large-M side of a split-K shape) from
+# TMA_MIN_M.
+TMA_MIN_M = 128
+SPLIT_K_MAX_M = 128
 
 
-def run(sweep: bool, max_m: int, out: Path) -> dict:
-    import torch
+def sweep_fits(config, m: int) -> bool:
+    """Whether --sweep times `config` at M = m."""
     import triton
-    from det_backend.kernels.matmul import MatmulConfig, config_for, matmul
+
+    if config.block_m > max(16, triton.next_power_of_2(m)):
+        return False
+    if config.kind == "split_k":
+        return m <= SPLIT_K_MAX_M
+    if config.kind == "tma_persistent" or config.split_k > 1:
+        return m >= TMA_MIN_M
+    return True
+
+
+def sweep_point(x, w, ours, candidates) -> dict:
+    """Milliseconds per candidate at one point; None where its bits differ from its split_k
+    group's first output here (the table's own output for split_k 1), or an error string."""
+    import torch
+    from det_backend.kernels.matmul import matmul
+
+    times, first = {}, {1: ours}
+    for cfg in candidates:
+        key = str(tuple(cfg[1:]))
+        try:
+            y = matmul(x, w, config=cfg)
+        except Exception as e:  # a config this Triton cannot compile is a result, not a crash
+            times[key] = f"error: {type(e).__name__}: {str(e)[:200]}"
+            print(f"  {key}: {times[key]}", flush=True)
+            continue
+        same = torch.equal(y, first.setdefault(cfg.split_k, y))
+        times[key] = bench(lambda x=x, w=w, cfg=cfg: matmul(x, w, config=cfg)) if same else None
+    return times
+
+
+def run(sweep: bool, max_m: int, layers: str | None, out: Path) -> dict:
+    import torch
+    from det_backend.kernels.matmul import MATMUL_CANDIDATES, config_for, gpu_family, matmul
     from vllm.model_executor.layers.batch_invariant import matmul_persistent
 
     bandwidth = copy_bandwidth()
     points = []
     gen = torch.Generator(device="cuda").manual_seed(0)
+    family = gpu_family(torch.device("cuda", torch.cuda.current_device()))
+    wanted = set(layers.split(",")) if layers else None
     for model, layer, n, k in SHAPES:
+        if wanted is not None and f"{model}:{layer}" not in wanted:
+            continue
         w = torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
         x_all = torch.randn(max_m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
         for m in (m for m in M_VALUES if m <= max_m):
@@ -72,7 +102,7 @@ def run(sweep: bool, max_m: int, out: Path) -> dict:
                 "M": m,
                 "N": n,
                 "K": k,
-                "config": list(config_for(m, n, k)),
+                "config": list(config_for(m, n, k, family)),
                 "ours_ms": bench(lambda x=x, w=w: matmul(x, w)),
                 "cublas_ms": bench(lambda x=x, w=w: torch.nn.functional.linear(x, w)),
                 # vLLM's VLLM_BATCH_INVARIANT linear on Hopper: its persistent Triton matmul.
@@ -82,15 +112,8 @@ def run(sweep: bool, max_m: int, out: Path) -> dict:
             point["speedup_vs_cublas"] = point["cublas_ms"] / point["ours_ms"]
             point["tflops"] = 2 * m * n * k / (point["ours_ms"] * 1e-3) / 1e12
             if sweep:
-                point["candidates"] = {}
-                for c in CANDIDATES:
-                    if c[0] > max(16, triton.next_power_of_2(m)):
-                        continue
-                    cfg = MatmulConfig(max_m, *c)
-                    # A tile that changed the bits could never enter the table: record it.
-                    same = torch.equal(matmul(x, w, config=cfg), ours)
-                    ms = bench(lambda x=x, w=w, cfg=cfg: matmul(x, w, config=cfg))
-                    point["candidates"][str(c)] = ms if same else None
+                fits = [c for c in MATMUL_CANDIDATES if sweep_fits(c, m)]
+                point["candidates"] = sweep_point(x, w, ours, fits)
             points.append(point)
             out.write_text(json.dumps({"partial": True, "points": points}))  # survives a timeout
             print(
@@ -135,6 +158,9 @@ def plot(data: dict):
 def _add_args(parser) -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--max-m", type=int, default=max(M_VALUES))
+    parser.add_argument(
+        "--layers", help="comma-separated model:layer (e.g. llama-3-8b:o) to run; default all"
+    )
 
 
 def _summary(result: dict) -> str:
@@ -148,7 +174,7 @@ if __name__ == "__main__":
     main(
         __doc__,
         "gemm.json",
-        lambda a: run(a.sweep, a.max_m, Path(a.out)),
+        lambda a: run(a.sweep, a.max_m, a.layers, Path(a.out)),
         plot,
         _summary,
         _add_args,

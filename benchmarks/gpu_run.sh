@@ -29,7 +29,9 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu
 what=" ${*:-all} "
 rc=0
 if [[ $what == *" kernels "* || $what == *" all "* ]]; then
-  python3 -m pytest -q -m "gpu and not slow" "$REPO/tests" -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$OUT/kernels.log"
+  # KERNELS_K: a pytest -k expression choosing among the kernel tests (default: all).
+  python3 -m pytest -q -m "gpu and not slow" "$REPO/tests" -p no:cacheprovider --continue-on-collection-errors \
+    ${KERNELS_K:+-k "$KERNELS_K"} 2>&1 | tee "$OUT/kernels.log"
   rc=$(( rc | ${PIPESTATUS[0]} ))
 fi
 if [[ $what == *" smoke "* || $what == *" all "* ]]; then
@@ -45,7 +47,9 @@ if [[ $what == *" e2e "* || $what == *" all "* ]]; then
   rc=$(( rc | ${PIPESTATUS[0]} ))
 fi
 if [[ $what == *" gemm-sweep "* ]]; then
-  python3 "$REPO/benchmarks/gemm.py" --sweep --out "$OUT/gemm_sweep.json" > "$OUT/gemm_sweep.log" 2>&1
+  # GEMM_ARGS: more gemm.py arguments, e.g. --layers llama-3-8b:o,llama-3-8b:down (one call
+  # per part keeps each under the per-command limit; gemm_table.py joins the parts).
+  python3 "$REPO/benchmarks/gemm.py" --sweep ${GEMM_ARGS:-} --out "$OUT/gemm_sweep.json" > "$OUT/gemm_sweep.log" 2>&1
   rc=$(( rc | $? )); tail -5 "$OUT/gemm_sweep.log"
 fi
 if [[ $what == *" gemm "* ]]; then

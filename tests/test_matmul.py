@@ -4,8 +4,12 @@ On CPU the kernel runs under TRITON_INTERPRET=1, where `tl.dot` is numpy's matmu
 [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tile added to the accumulator: the sum is rounded once
 per BLOCK_K step, so there the result depends on BLOCK_K (on the GPU the tensor cores add K in
 one order whatever the tile). CPU tests that compare different BLOCK_K therefore use
-K <= min(BLOCK_K) (one step); tests with several K steps compare one config at a time. The
-interpreter's bf16 `tl.dot` returns garbage: CPU tests use fp16/fp32, GPU tests bf16.
+K <= min(BLOCK_K) (one step); tests with several K steps compare one config at a time, or
+configs of one BLOCK_K. The interpreter's bf16 `tl.dot` returns garbage: CPU tests use
+fp16/fp32, GPU tests bf16.
+
+Configs with different split_k sum K in different chunks and give different bits: "every
+config equal" means every config of one split_k (`all_configs()` groups them).
 """
 
 from itertools import pairwise
@@ -13,10 +17,17 @@ from itertools import pairwise
 import pytest
 import torch
 from det_backend.kernels.matmul import (
+    KINDS,
+    MATMUL_CANDIDATES,
     MATMUL_CONFIGS,
     MATMUL_TABLE,
+    PORTABLE,
+    SM90,
+    MatmulConfig,
     all_configs,
+    config_for,
     config_for_m,
+    k_chunk,
     matmul,
     matmul_reference,
 )
@@ -35,9 +46,28 @@ def tolerance(dtype: torch.dtype, k: int) -> dict[str, float]:
 
 
 CPU_DTYPES = (torch.float16, torch.float32)
-# Every tile the launcher can pick, for any shape: the "every config" tests span these.
-ALL_CONFIGS = all_configs()
+# Every config a table can pick or the sweep can propose, by split_k: the "every config"
+# tests span these, each group on its own.
+CONFIG_GROUPS = all_configs()
+ALL_CONFIGS = [c for group in CONFIG_GROUPS.values() for c in group]
 MIN_BLOCK_K = min(c.block_k for c in ALL_CONFIGS)
+SPLIT_CONFIGS = [c for c in ALL_CONFIGS if c.split_k > 1]
+# One config of each kind and split_k, for the tests that loop over a handful.
+ONE_PER_KIND = list({(c.kind, c.split_k, c.warp_specialize): c for c in ALL_CONFIGS}.values())
+
+
+def config_id(c: MatmulConfig) -> str:
+    ws = "-ws" if c.warp_specialize else ""
+    return f"{c.kind}{ws}-S{c.split_k}-BM{c.block_m}-BN{c.block_n}-BK{c.block_k}-W{c.num_warps}"
+
+
+def assert_group_bitwise_equal(outputs: dict[MatmulConfig, torch.Tensor], key=None) -> None:
+    """Every output equals the first of its group (group: split_k, or `key(config)`)."""
+    firsts = {}
+    for config, y in outputs.items():
+        group = key(config) if key else config.split_k
+        first = firsts.setdefault(group, (config, y))
+        assert torch.equal(y, first[1]), f"{config} differs from {first[0]}"
 
 
 def bucket_edges(table=MATMUL_CONFIGS) -> list[int]:
@@ -110,11 +140,14 @@ def test_matmul_batch_invariant(device, dtype):
 
 
 @pytest.mark.parametrize(
-    "config", MATMUL_CONFIGS, ids=lambda c: f"BM{c.block_m}-BN{c.block_n}-BK{c.block_k}"
+    "config", list(dict.fromkeys([*MATMUL_CONFIGS, *ONE_PER_KIND])), ids=config_id
 )
 def test_matmul_batch_invariant_within_config(device, config):
-    # Several K steps with a ragged tail, one forced config: rows never mix across the tile.
-    dtype, n, k = torch.float16, 96, 3 * config.block_k + 8
+    # Several K steps with a ragged tail (several chunks, the last empty for split_k = 4), one
+    # forced config: rows never mix across the tile. Two column tiles: the persistent kernel
+    # walks several tiles per program.
+    dtype, n = torch.float16, 200
+    k = 3 * config.block_k + 8 if config.split_k == 1 else config.split_k * 256 + 40
     m = 2 * config.block_m + 3
     x = randn(m, k, dtype=dtype, device=device, seed=6)
     w = randn(n, k, dtype=dtype, device=device, seed=7)
@@ -130,9 +163,7 @@ def test_matmul_every_config_bitwise_equal(device, dtype, k, with_bias):
     x = randn(m, k, dtype=dtype, device=device, seed=8)
     w = randn(n, k, dtype=dtype, device=device, seed=9)
     bias = randn(n, dtype=dtype, device=device, seed=10) if with_bias else None
-    first, *rest = (matmul(x, w, bias, config=c) for c in ALL_CONFIGS)
-    for config, y in zip(ALL_CONFIGS[1:], rest, strict=True):
-        assert torch.equal(y, first), config
+    assert_group_bitwise_equal({c: matmul(x, w, bias, config=c) for c in ALL_CONFIGS})
 
 
 def test_matmul_reads_strided_inputs(device):
@@ -148,6 +179,9 @@ def test_matmul_reads_strided_inputs(device):
     assert w_t.stride() == (1, n)
     assert torch.equal(matmul(wide[:, 8 : 8 + k], w), expected)
     assert torch.equal(matmul(x, w_t), expected)
+    # TMA reads the column slice too (16-byte aligned base and row pitch).
+    tma = next(c for c in ALL_CONFIGS if c.kind == "tma_persistent" and c.split_k == 1)
+    assert torch.equal(matmul(wide[:, 8 : 8 + k], w, config=tma), expected)
 
 
 def test_matmul_nondeterministic_control(device):
@@ -193,6 +227,141 @@ def test_matmul_rejects_bias_dtype_mismatch(device):
         matmul(x, w, torch.ones(8, dtype=torch.float32, device=device))
 
 
+def test_tables_keep_one_split_k_per_shape():
+    # The launcher picks by M within a shape's table; every M of one shape must sum K in the
+    # same chunks, or a row would change with the batch size.
+    for (n, k), table in MATMUL_TABLE.items():
+        assert len({c.split_k for c in table}) == 1, (n, k)
+        assert table[-1].max_m >= 2**62, (n, k)
+    # The portable table serves every GPU and shape: the plain kernel, no split.
+    assert all(c.kind == "plain" and c.split_k == 1 for c in MATMUL_CONFIGS)
+    assert all(c.kind in KINDS for c in (*ALL_CONFIGS, *MATMUL_CANDIDATES))
+
+
+def test_config_for_uses_the_shape_table_on_sm90_only():
+    n, k = 4096, 4096
+    for m in (1, 64, 128, 300, 10**6):
+        sm90 = [c for c in MATMUL_TABLE[(n, k)] if m <= c.max_m][0]
+        assert config_for(m, n, k, SM90) is sm90
+        assert config_for(m, n, k, PORTABLE) is config_for_m(m)
+    assert config_for(300, 96, 200, SM90) is config_for_m(300)  # no table for this shape
+
+
+def test_k_chunk_covers_k_in_multiples_of_every_block_k():
+    for k in (1, 40, 255, 256, 600, 4096, 5120, 14336, 25600):
+        for split_k in (1, 2, 3, 4, 8):
+            chunk = k_chunk(k, split_k)
+            assert chunk % 256 == 0 and chunk * split_k >= k
+            assert all(chunk % c.block_k == 0 for c in ALL_CONFIGS)
+    assert k_chunk(4096, 4) == 1024 and k_chunk(14336, 4) == 3584
+
+
+@pytest.mark.parametrize("k", [600, 1064])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+def test_matmul_split_k_kinds_bitwise_equal(device, dtype, k):
+    # Several chunks (k = 1064, split_k = 4: the last one empty), ragged tails. Parallel
+    # chunks + reduce, in-program chunks and TMA give one result per split_k. Under the
+    # interpreter BLOCK_K also rounds (module docstring): compare within one BLOCK_K.
+    m, n = 70, 96
+    x = randn(m, k, dtype=dtype, device=device, seed=40)
+    w = randn(n, k, dtype=dtype, device=device, seed=41)
+    bias = randn(n, dtype=dtype, device=device, seed=42)
+    outputs = {c: matmul(x, w, bias, config=c) for c in ALL_CONFIGS if c.block_k == 64}
+    assert {c.kind for c in outputs if c.split_k > 1} == set(KINDS)
+    for y in outputs.values():
+        torch.testing.assert_close(y.double(), matmul_reference(x, w, bias), **tolerance(dtype, k))
+    assert_group_bitwise_equal(outputs)
+
+
+def test_matmul_split_k_changes_the_bits(device):
+    # The control for the grouping above: another split_k sums other chunks. fp32 output, so
+    # rounding to the output dtype cannot hide it.
+    m, n, k = 40, 64, 1000
+    x = randn(m, k, dtype=torch.float32, device=device, seed=43)
+    w = randn(n, k, dtype=torch.float32, device=device, seed=44)
+    by_split = {}
+    for c in ALL_CONFIGS:
+        if c.block_k == 64 and c.kind == "plain":
+            by_split.setdefault(c.split_k, matmul(x, w, config=c))
+    assert sorted(by_split) == sorted(CONFIG_GROUPS)
+    ys = list(by_split.values())
+    assert all(not torch.equal(a, b) for a, b in pairwise(ys))
+
+
+@pytest.mark.parametrize("split_k", sorted(s for s in CONFIG_GROUPS if s > 1))
+def test_matmul_split_k_rows_equal_across_m(device, split_k):
+    # A shape with a split_k table runs the parallel kernel at small M and the in-program
+    # kernels at large M: row r must be the same bits at every M, whichever kernel runs.
+    dtype, m, n, k = torch.float16, 150, 96, split_k * 256 + 40
+    x = randn(m, k, dtype=dtype, device=device, seed=45)
+    w = randn(n, k, dtype=dtype, device=device, seed=46)
+    group = [c for c in CONFIG_GROUPS[split_k] if c.block_k == 64]
+    parallel = [c for c in group if c.kind == "split_k"]
+    large = [c for c in group if c.kind != "split_k"]
+    assert parallel and large
+    full = matmul(x, w, config=large[0])
+    for c in group:
+        for rows in (1, 7, 17, 64, m):
+            assert torch.equal(matmul(x[:rows], w, config=c), full[:rows]), (c, rows)
+
+
+def test_matmul_tma_rejects_layouts_tma_cannot_read(device):
+    tma = next(c for c in ALL_CONFIGS if c.kind == "tma_persistent")
+    w = randn(32, 13, dtype=torch.float16, device=device, seed=47)
+    x = randn(4, 13, dtype=torch.float16, device=device, seed=48)
+    with pytest.raises(ValueError, match="tma_persistent"):  # 26-byte rows
+        matmul(x, w, config=tma)
+    w = randn(32, 16, dtype=torch.float16, device=device, seed=49)
+    with pytest.raises(ValueError, match="tma_persistent"):  # weight read through a transpose
+        matmul(
+            randn(4, 16, dtype=torch.float16, device=device, seed=50),
+            w.T.contiguous().T,
+            config=tma,
+        )
+    x = randn(4, 24, dtype=torch.float16, device=device, seed=51)
+    with pytest.raises(ValueError, match="tma_persistent"):  # base 2 bytes past 16-byte alignment
+        matmul(x[:, 1:17], w, config=tma)
+
+
+def test_tma_kind_is_refused_below_sm90_and_tables_follow_the_family(monkeypatch):
+    # No GPU needed: the capability is read through _device_info, patched here to an A100.
+    from types import SimpleNamespace
+
+    from det_backend.kernels import matmul as mm
+
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(mm, "_device_info", lambda index: ((8, 0), 108))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    assert mm.gpu_family(cuda0) == PORTABLE
+    tma = next(c for c in ALL_CONFIGS if c.kind == "tma_persistent")
+    fake_x = SimpleNamespace(is_cuda=True, device=cuda0)
+    with pytest.raises(RuntimeError, match="needs TMA .sm_90 or newer.; NVIDIA A100 is sm_80"):
+        mm._check_config(tma, fake_x)
+    mm._check_config(MATMUL_CONFIGS[0], fake_x)  # the portable table's kind runs anywhere
+    monkeypatch.setattr(mm, "_device_info", lambda index: ((9, 0), 132))
+    assert mm.gpu_family(cuda0) == SM90
+    mm._check_config(tma, fake_x)
+    assert mm.gpu_family(torch.device("cpu")) == PORTABLE
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"kind": "stream_k"},
+        {"split_k": 0},
+        {"kind": "split_k", "split_k": 1},
+        {"warp_specialize": True},
+        {"block_k": 96},
+    ],
+    ids=str,
+)
+def test_matmul_rejects_bad_config(device, bad):
+    x = randn(4, 16, dtype=torch.float16, device=device, seed=52)
+    w = randn(8, 16, dtype=torch.float16, device=device, seed=53)
+    with pytest.raises(ValueError, match="det_backend: matmul config"):
+        matmul(x, w, config=MATMUL_CONFIGS[0]._replace(**bad))
+
+
 # GPU tests at Llama-3-8B shapes, bf16.
 
 
@@ -219,16 +388,17 @@ def test_matmul_lm_head_matches_float64_gpu(device, m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=dtype_id)
-def test_matmul_other_dtypes_gpu(device, dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=dtype_id)
+def test_matmul_ragged_every_config_gpu(device, dtype):
+    # M, N and K tails for every tile (TMA pads them with zeros, the others mask or wrap).
     # fp32 goes through the ieee (non-TF32) dot and fewer pipeline stages.
     m, n, k = 300, 1000, 1000
     x = randn(m, k, dtype=dtype, device=device, seed=25)
     w = randn(n, k, dtype=dtype, device=device, seed=26)
-    first, *rest = (matmul(x, w, config=c) for c in ALL_CONFIGS)
-    torch.testing.assert_close(first.double(), matmul_reference(x, w), **tolerance(dtype, k))
-    for config, y in zip(ALL_CONFIGS[1:], rest, strict=True):
-        assert torch.equal(y, first), config
+    outputs = {c: matmul(x, w, config=c) for c in ALL_CONFIGS}
+    for y in outputs.values():
+        torch.testing.assert_close(y.double(), matmul_reference(x, w), **tolerance(dtype, k))
+    assert_group_bitwise_equal(outputs)
 
 
 @pytest.mark.gpu
@@ -259,9 +429,7 @@ def test_matmul_every_config_bitwise_equal_gpu(device, n, k):
     w = randn(n, k, dtype=torch.bfloat16, device=device, seed=34)
     bias = randn(n, dtype=torch.bfloat16, device=device, seed=35)
     for b in (None, bias):
-        first, *rest = (matmul(x, w, b, config=c) for c in ALL_CONFIGS)
-        for config, y in zip(ALL_CONFIGS[1:], rest, strict=True):
-            assert torch.equal(y, first), config
+        assert_group_bitwise_equal({c: matmul(x, w, b, config=c) for c in ALL_CONFIGS})
 
 
 @pytest.mark.gpu
@@ -294,3 +462,79 @@ def test_matmul_cuda_graph_replay_bitwise_equal(device):
     static_x.copy_(randn(64, k, dtype=torch.bfloat16, device=device, seed=40))
     graph.replay()
     assert torch.equal(static_y, matmul(static_x, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (6144, 4096)])  # o, down, qkv
+def test_matmul_split_k_rows_equal_across_m_gpu(device, n, k):
+    # The small-N layers a split_k table would serve: parallel chunks at small M, in-program
+    # chunks (plain, TMA) at large M, and row r the same bits at every M.
+    x = randn(512, k, dtype=torch.bfloat16, device=device, seed=60)
+    w = randn(n, k, dtype=torch.bfloat16, device=device, seed=61)
+    bias = randn(n, dtype=torch.bfloat16, device=device, seed=62)
+    for split_k, group in CONFIG_GROUPS.items():
+        if split_k == 1:
+            continue
+        full = matmul(x, w, bias, config=next(c for c in group if c.kind == "tma_persistent"))
+        torch.testing.assert_close(
+            full.double(), matmul_reference(x, w, bias), **tolerance(torch.bfloat16, k)
+        )
+        for c in group:
+            ms = (1, 7, 16, 33, 64, 128) if c.kind == "split_k" else (128, 257, 512)
+            for m in ms:
+                assert torch.equal(matmul(x[:m], w, bias, config=c), full[:m]), (c, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ONE_PER_KIND, ids=config_id)
+def test_matmul_cuda_graph_replay_bitwise_equal_per_kind_gpu(device, config):
+    # TMA descriptors and split-K partials are made on the host / allocated at capture; replay
+    # must still give eager's bits, for the captured input and for new values in it.
+    n, k, m = 4096, 4096, 256
+    w = randn(n, k, dtype=torch.bfloat16, device=device, seed=63)
+    bias = randn(n, dtype=torch.bfloat16, device=device, seed=64)
+    static_x = randn(m, k, dtype=torch.bfloat16, device=device, seed=65)
+    eager = matmul(static_x, w, bias, config=config)  # also compiles before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = matmul(static_x, w, bias, config=config)
+    graph.replay()
+    assert torch.equal(static_y, eager)
+    static_x.copy_(randn(m, k, dtype=torch.bfloat16, device=device, seed=66))
+    graph.replay()
+    assert torch.equal(static_y, matmul(static_x, w, bias, config=config))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ONE_PER_KIND, ids=config_id)
+def test_matmul_launches_without_host_sync_gpu(device, config):
+    # No kind may wait for the GPU on the host (it would break capture and stall decode).
+    x = randn(256, 4096, dtype=torch.bfloat16, device=device, seed=67)
+    w = randn(4096, 4096, dtype=torch.bfloat16, device=device, seed=68)
+    matmul(x, w, config=config)  # compile outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        matmul(x, w, config=config)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_matmul_tma_inside_torch_compile_gpu(device):
+    # As patches/custom_ops.py registers it: an opaque custom op with a fake impl; compiled
+    # code calls the launcher, which builds the TMA descriptors at every call.
+    tma = next(c for c in ALL_CONFIGS if c.kind == "tma_persistent" and c.split_k == 1)
+
+    @torch.library.custom_op("det_backend_test::tma_linear", mutates_args=())
+    def tma_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return matmul(x, w, config=tma)
+
+    @tma_linear.register_fake
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    compiled = torch.compile(lambda x, w: tma_linear(x, w) * 2, fullgraph=True)
+    w = randn(4096, 4096, dtype=torch.bfloat16, device=device, seed=69)
+    for m in (128, 300):
+        x = randn(m, 4096, dtype=torch.bfloat16, device=device, seed=70 + m)
+        assert torch.equal(compiled(x, w), matmul(x, w, config=tma) * 2)
