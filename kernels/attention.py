@@ -571,7 +571,7 @@ def paged_attention(
             out.stride(0), out.stride(1), ws_segments * num_q_heads, ws_segments,
             NUM_Q_HEADS=num_q_heads, G=g, G_PAD=triton.next_power_of_2(g),
             HEAD_SIZE=head_size, SEGMENT=kv_split_size,
-            CHUNK=min(MERGE_CHUNK, max_num_segments),
+            CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(max_num_segments)),
             num_warps=4, enable_fp_fusion=False,
         )  # fmt: skip
     return out
