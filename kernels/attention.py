@@ -8,8 +8,9 @@ its prompt was chunked, on prefill vs decode, or on the launch mode):
 - Tiles are grouped into fixed segments of `kv_split_size` positions aligned to position 0.
   Each segment starts a fresh online softmax; segment partials (m, l, acc: unnormalised,
   fp32) are merged in increasing segment order by the one `_merge` helper, in both launch
-  modes: "single pass" (a program merges its own segments) and "split" (phase 1 writes every
-  segment's partials to a workspace, phase 2 merges them). Same ops, same order, same bits.
+  modes: "single pass" (a program merges its own segments) and "split" (phase 1 programs
+  each compute one or more segments, every one from a fresh state, and write the partials
+  to a workspace; phase 2 merges them). Same ops, same order, same bits.
 - Every multiply-add is written as `tl.fma` or as `tl.dot(p, v, acc)`, and kernels compile
   with `enable_fp_fusion=False`, so the compiler cannot contract the two kernels differently.
 - Row sums go through the tensor core (`p @ ones`) instead of `tl.sum`, whose reduction tree
@@ -17,7 +18,8 @@ its prompt was chunked, on prefill vs decode, or on the launch mode):
   row's bits do not depend on BLOCK_Q, i.e. on which other tokens share its program.
 - Positions past a row's causal limit contribute exact zeros, and a tile or segment with no
   visible position is an exact identity (alpha = 1, or beta = 0): a program that visits more
-  tiles than one of its rows needs leaves that row's bits alone.
+  tiles than one of its rows needs leaves that row's bits alone, and so do phase 2's
+  partials past a token's last segment (m = -inf, l = 0, acc = 0).
 - Which program computes a segment, how many query tokens share a program (BLOCK_Q) and
   the launch mode change no bits, so `plan()` may choose them from anything: shapes and the
   caller's bound on segments per request. Grids depend only on those, never on metadata
@@ -46,9 +48,9 @@ SPLIT_WORKSPACE_CAP_BYTES = 256 * 2**20
 # batches use PREFILL_BLOCK_M rows to reuse each K/V tile across more rows.
 DECODE_BLOCK_M = 16
 PREFILL_MIN_SEQLEN_Q = 64
-# Prefill tile 128 rows x head_size <= 128, 8 warps, 3 stages (FlashAttention-2's usual Triton
-# tile); the previous 64 rows, 4 warps, 2 stages is benchmarks/attention.py's "ours_block_m64".
-# Chosen without a GPU measurement yet: benchmarks/attention.py decides.
+# Prefill tile: 128 rows (x head_size 128; 64 rows for 256), 8 warps, 3 stages, within what
+# Triton's fused-attention tutorial tunes over. The previous 64 rows, 4 warps, 2 stages is
+# benchmarks/attention.py's "ours_block_m64": not yet measured on a GPU, that run decides.
 PREFILL_BLOCK_M = 128
 PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 3
