@@ -475,7 +475,9 @@ def plan(
     if split is None:
         workspace = num_tokens * num_q_heads * max_num_segments * (head_size + 2) * 4
         split = segment_programs > 1 and workspace <= SPLIT_WORKSPACE_CAP_BYTES
-    if block_m * head_size > 64 * 128:
+    # Registers grow with BLOCK_M x head_size and with the BLOCK_M x TILE_N scores, hence
+    # max(head_size, 128): on sm_90, 128 rows x head 64 with 4 warps spills, 8 warps do not.
+    if block_m * max(head_size, 128) > 64 * 128:
         num_warps, num_stages = PREFILL_NUM_WARPS, PREFILL_NUM_STAGES
     else:
         num_warps, num_stages = 4, 2

@@ -330,8 +330,10 @@ def test_plan_tiles():
     assert (p.block_m, p.num_warps, p.num_stages) == (
         PREFILL_BLOCK_M, PREFILL_NUM_WARPS, PREFILL_NUM_STAGES,
     )  # fmt: skip
-    # head_size 256: half the rows, the same registers per tile.
+    # head_size 256: half the rows, the same registers per tile; head_size 64: same rows.
     assert plan(4096, 2, 32, 8, 256, 2048, 8).block_m == PREFILL_BLOCK_M // 2
+    p = plan(4096, 2, 32, 8, 64, 2048, 8)
+    assert (p.block_m, p.num_warps) == (PREFILL_BLOCK_M, PREFILL_NUM_WARPS)
     # The previous prefill tile (64 rows x 128, 4 warps, 2 stages) stays reachable.
     p = plan(4096, 2, 32, 8, 128, 2048, 8, block_q=16)
     assert (p.block_m, p.num_warps, p.num_stages) == (64, 4, 2)
