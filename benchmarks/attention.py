@@ -6,21 +6,27 @@ paged KV (block 16, blocks shuffled), in one process on the same inputs.
     python benchmarks/attention.py --plot attention.json
 
 Workloads: decode (batch 1..256, context 512..32k) and prefill (1k..16k new tokens, alone
-and mixed with 64 decodes). Speed-up = FA3 default time / ours. vLLM's Triton unified
-attention is not measured here yet.
+and mixed with 64 decodes). Speed-up = FA3 default time / ours. "ours" is an eager launch with
+the grid sized from the batch's real max_seq_len, as the backend launches prefill and mixed
+batches. Decode also runs as vLLM runs it, replayed from a CUDA graph: ours with the grid
+sized from MAX_MODEL_LEN (what a graph captured once must allow), against FA3 replayed the
+same way ("graph_speedup_vs_fa3"). Prefill and mixed also time the previous prefill tile
+(64 rows, 4 warps, 2 stages: "ours_block_m64") against the current PREFILL_BLOCK_M tile.
+vLLM's Triton unified attention is not measured here yet.
 """
 
 from __future__ import annotations
 
 import math
 
-from harness import bench, copy_bandwidth, geomean, main, pyplot, run_info
+from harness import bench, copy_bandwidth, geomean, graphed, main, pyplot, run_info
 
 Q_HEADS, KV_HEADS, HEAD = 32, 8, 128
 BLOCK = 16
 DECODE_BATCH = (1, 8, 32, 64, 128, 256)
 DECODE_CONTEXT = (512, 2048, 8192, 32768)
 PREFILL_TOKENS = (1024, 4096, 16384)
+MAX_MODEL_LEN = max(DECODE_CONTEXT)  # the bound a captured decode graph is sized for
 
 
 def make_inputs(specs: list[tuple[int, int]], seed: int) -> dict:
@@ -55,7 +61,7 @@ def make_inputs(specs: list[tuple[int, int]], seed: int) -> dict:
     }
 
 
-def providers(t: dict) -> dict:
+def providers(t: dict, kind: str) -> dict:
     from det_backend.kernels.attention import KV_SPLIT_SIZE, paged_attention
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
@@ -78,8 +84,8 @@ def providers(t: dict) -> dict:
             num_splits=num_splits,
         )
 
-    return {
-        "ours": lambda: paged_attention(
+    def ours(max_num_segments: int, block_q: int | None = None):
+        return lambda: paged_attention(
             t["q"],
             t["k"],
             t["v"],
@@ -89,16 +95,28 @@ def providers(t: dict) -> dict:
             t["table"],
             scale,
             t["max_q"],
-            math.ceil(t["max_k"] / KV_SPLIT_SIZE),
-        ),
+            max_num_segments,
+            block_q=block_q,
+        )
+
+    real_bound = math.ceil(t["max_k"] / KV_SPLIT_SIZE)
+    fns = {
+        "ours": ours(real_bound),
         "fa3_default": fa3(0),
         "fa3_num_splits_1": fa3(1),
     }
+    if kind == "decode":
+        fns["ours_graph"] = graphed(ours(math.ceil(MAX_MODEL_LEN / KV_SPLIT_SIZE)))
+        fns["fa3_graph"] = graphed(fa3(0))
+    else:
+        # 64 rows of G = 4 query heads: the tile before PREFILL_BLOCK_M.
+        fns["ours_block_m64"] = ours(real_bound, block_q=64 // (Q_HEADS // KV_HEADS))
+    return fns
 
 
 def measure(kind: str, specs: list[tuple[int, int]], label: dict, bandwidth: float) -> dict:
     t = make_inputs(specs, seed=len(specs))
-    times = {name: bench(fn) for name, fn in providers(t).items()}
+    times = {name: bench(fn) for name, fn in providers(t, kind).items()}
     kv_bytes = sum(s for _, s in specs) * KV_HEADS * HEAD * 2 * 2
     # causal: query i of a request attends (context + i + 1) keys
     flops = sum(4 * Q_HEADS * HEAD * (q * (s - q) + q * (q + 1) / 2) for q, s in specs)
@@ -112,9 +130,16 @@ def measure(kind: str, specs: list[tuple[int, int]], label: dict, bandwidth: flo
         "ours_tflops": flops / (times["ours"] * 1e-3) / 1e12,
         "kv_floor_ms": kv_bytes / bandwidth * 1e3,
     }
+    extra = ""
+    if kind == "decode":
+        p["graph_speedup_vs_fa3"] = times["fa3_graph"] / times["ours_graph"]
+        extra = f"  graphs: ours {times['ours_graph']:.3f} FA3 {times['fa3_graph']:.3f}"
+    else:
+        p["prefill_tile_speedup"] = times["ours_block_m64"] / times["ours"]
+        extra = f"  ours 64-row tile {times['ours_block_m64']:.3f}"
     print(
         f"{kind:>8} {label}  ours {times['ours']:.3f} ms  FA3 {times['fa3_default']:.3f}  "
-        f"FA3/1 {times['fa3_num_splits_1']:.3f}  x{p['speedup_vs_fa3']:.2f}",
+        f"FA3/1 {times['fa3_num_splits_1']:.3f}  x{p['speedup_vs_fa3']:.2f}{extra}",
         flush=True,
     )
     return p
@@ -136,15 +161,18 @@ def run() -> dict:
                 "mixed", prompts + [(1, 2048)] * 64, {"tokens": tokens, "decodes": 64}, bandwidth
             )
         )
-    decode = [p["speedup_vs_fa3"] for p in points if p["kind"] == "decode"]
-    prefill = [p["speedup_vs_fa3"] for p in points if p["kind"] != "decode"]
+    decode = [p for p in points if p["kind"] == "decode"]
+    prefill = [p for p in points if p["kind"] != "decode"]
     return {
         **run_info(),
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "heads": [Q_HEADS, KV_HEADS, HEAD],
         "block_size": BLOCK,
-        "decode_geomean_speedup_vs_fa3": geomean(decode),
-        "prefill_geomean_speedup_vs_fa3": geomean(prefill),
+        "graph_max_model_len": MAX_MODEL_LEN,
+        "decode_geomean_speedup_vs_fa3": geomean([p["speedup_vs_fa3"] for p in decode]),
+        "decode_graph_geomean_speedup_vs_fa3": geomean([p["graph_speedup_vs_fa3"] for p in decode]),
+        "prefill_geomean_speedup_vs_fa3": geomean([p["speedup_vs_fa3"] for p in prefill]),
+        "prefill_tile_geomean_speedup": geomean([p["prefill_tile_speedup"] for p in prefill]),
         "points": points,
     }
 
@@ -152,14 +180,20 @@ def run() -> dict:
 def plot(data: dict):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ctx in DECODE_CONTEXT:
+    for i, ctx in enumerate(DECODE_CONTEXT):
         pts = [p for p in data["points"] if p["kind"] == "decode" and p["context"] == ctx]
+        batches = [p["batch"] for p in pts]
         axes[0].plot(
-            [p["batch"] for p in pts],
-            [p["speedup_vs_fa3"] for p in pts],
-            "o-",
-            label=f"context {ctx}",
+            batches, [p["speedup_vs_fa3"] for p in pts], "o-", color=f"C{i}", label=f"ctx {ctx}"
         )
+        if "graph_speedup_vs_fa3" in pts[0]:
+            axes[0].plot(
+                batches,
+                [p["graph_speedup_vs_fa3"] for p in pts],
+                "s--",
+                color=f"C{i}",
+                label=f"ctx {ctx}, CUDA graphs",
+            )
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("decode batch")
     for kind in ("prefill", "mixed"):
@@ -180,8 +214,10 @@ def plot(data: dict):
 
 def _summary(result: dict) -> str:
     return (
-        f"decode geomean vs FA3 {result['decode_geomean_speedup_vs_fa3']:.3f}, prefill "
-        f"{result['prefill_geomean_speedup_vs_fa3']:.3f} on {result['gpu']}"
+        f"decode geomean vs FA3 {result['decode_geomean_speedup_vs_fa3']:.3f} (CUDA graphs "
+        f"{result['decode_graph_geomean_speedup_vs_fa3']:.3f}), prefill "
+        f"{result['prefill_geomean_speedup_vs_fa3']:.3f} (vs 64-row tile "
+        f"x{result['prefill_tile_geomean_speedup']:.3f}) on {result['gpu']}"
     )
 
 

@@ -18,6 +18,19 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
+def graphed(fn):
+    """fn captured once in a CUDA graph, after an eager call that compiles what it launches;
+    returns the replay, to time as vLLM runs full-graph decode (no host launch cost)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second: the memory ceiling."""
     import torch

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.config import CUDAGraphMode, VllmConfig, get_current_vllm_config
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -48,14 +48,15 @@ class DetAttentionMetadata:
     seq_lens: torch.Tensor  # [num_reqs] int32, KV length including this step's tokens
     block_table: torch.Tensor  # [num_reqs, max_blocks] int32
     slot_mapping: torch.Tensor  # [num_tokens]
-    # Bound on segments per request, from max_model_len: fixed for the engine's life, so
-    # the split launch grid is the same in every CUDA graph replay.
+    # Bound on KV_SPLIT_SIZE segments per request: sizes the launch grid (kernels/attention.py
+    # plan()). From this step's max_seq_len when the launch runs eagerly; from max_model_len
+    # when it is (or warms up) a full CUDA graph, which replays batches of any length.
     max_num_segments: int
 
 
 class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]):
-    # Launch grids depend only on the number of tokens and requests, never on values in
-    # the metadata tensors, so pure-decode batches can be captured whole.
+    # Launch grids depend only on the number of tokens and requests and on max_num_segments,
+    # never on values in the metadata tensors, so pure-decode batches can be captured whole.
     _cudagraph_support: ClassVar[AttentionCGSupport] = (
         AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     )
@@ -78,6 +79,42 @@ class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]
         fast_build: bool = False,
     ) -> DetAttentionMetadata:
         cm = common_attn_metadata
+        if self._may_be_full_graph(cm):
+            return self._metadata(cm, self.max_num_segments)
+        # max_seq_len is a host int that vLLM already holds (an upper bound on seq_lens:
+        # gpu_model_runner.py:2298, gpu/model_states/default.py:164): no sync.
+        return self._metadata(cm, max(1, -(-cm.max_seq_len // KV_SPLIT_SIZE)))
+
+    def build_for_cudagraph_capture(
+        self, common_attn_metadata: CommonAttentionMetadata
+    ) -> DetAttentionMetadata:
+        # vLLM captures with dummy seq_lens (max_query_len: gpu_model_runner.py:5972) and
+        # replays the graph for any batch of that shape: size the grid for max_model_len.
+        # vLLM 0.26 also passes max_seq_len = max_model_len here (gpu_model_runner.py:2292-2296,
+        # gpu/model_states/default.py:160-162); the bound does not rely on it.
+        return self._metadata(common_attn_metadata, self.max_num_segments)
+
+    def _may_be_full_graph(self, cm: CommonAttentionMetadata) -> bool:
+        """Whether a batch of this shape runs as a full CUDA graph, so that this eager build is
+        the warm-up before its capture. vLLM 0.26's V1 runner warms each graph up eagerly
+        through build(), with seq_lens of 1, then captures through build_for_cudagraph_capture
+        (gpu_model_runner.py:6851-6893, 5972, 6010); the V2 runner uses the capture path for
+        both (gpu/cudagraph_utils.py:325, 621). A Triton kernel first launched inside a capture
+        must load its module, which CUDA forbids mid-capture, so the warm-up must launch what
+        the capture will: the same bound. Real batches of this shape replay the graph, so the
+        bound costs them nothing. Mirrors vllm/v1/cudagraph_dispatcher.py:272-281 for our
+        UNIFORM_SINGLE_TOKEN_DECODE support."""
+        cc = self.vllm_config.compilation_config
+        max_size = cc.max_cudagraph_capture_size
+        return (
+            cm.max_query_len == 1
+            and cc.cudagraph_mode.decode_mode() == CUDAGraphMode.FULL
+            and max_size is not None
+            and cm.num_actual_tokens <= max_size
+        )
+
+    @staticmethod
+    def _metadata(cm: CommonAttentionMetadata, max_num_segments: int) -> DetAttentionMetadata:
         return DetAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,
@@ -85,7 +122,7 @@ class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]
             seq_lens=cm.seq_lens,
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping,
-            max_num_segments=self.max_num_segments,
+            max_num_segments=max_num_segments,
         )
 
 

@@ -8,8 +8,9 @@ its prompt was chunked, on prefill vs decode, or on the launch mode):
 - Tiles are grouped into fixed segments of `kv_split_size` positions aligned to position 0.
   Each segment starts a fresh online softmax; segment partials (m, l, acc: unnormalised,
   fp32) are merged in increasing segment order by the one `_merge` helper, in both launch
-  modes: "single pass" (a program merges its own segments) and "split" (phase 1 writes every
-  segment's partials to a workspace, phase 2 merges them). Same ops, same order, same bits.
+  modes: "single pass" (a program merges its own segments) and "split" (phase 1 programs
+  each compute one or more segments, every one from a fresh state, and write the partials
+  to a workspace; phase 2 merges them). Same ops, same order, same bits.
 - Every multiply-add is written as `tl.fma` or as `tl.dot(p, v, acc)`, and kernels compile
   with `enable_fp_fusion=False`, so the compiler cannot contract the two kernels differently.
 - Row sums go through the tensor core (`p @ ones`) instead of `tl.sum`, whose reduction tree
@@ -17,10 +18,16 @@ its prompt was chunked, on prefill vs decode, or on the launch mode):
   row's bits do not depend on BLOCK_Q, i.e. on which other tokens share its program.
 - Positions past a row's causal limit contribute exact zeros, and a tile or segment with no
   visible position is an exact identity (alpha = 1, or beta = 0): a program that visits more
-  tiles than one of its rows needs leaves that row's bits alone.
-- Grid sizes depend only on tensor shapes and caller-given bounds, never on metadata values:
-  no host sync, CUDA-graph capturable.
+  tiles than one of its rows needs leaves that row's bits alone, and so do phase 2's
+  partials past a token's last segment (m = -inf, l = 0, acc = 0).
+- Which program computes a segment, how many query tokens share a program (BLOCK_Q) and
+  the launch mode change no bits, so `plan()` may choose them from anything: shapes and the
+  caller's bound on segments per request. Grids depend only on those, never on metadata
+  values: no host sync, CUDA-graph capturable. A graph captured with the bound from
+  max_model_len replays any batch of its shape; an eager step passes its real max_seq_len.
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -29,15 +36,27 @@ import triton.language as tl
 KV_SPLIT_SIZE: int = 512
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-# Split mode keeps decode of a few long requests parallel; its fp32 workspace is capped so a
-# large batch falls back to single pass instead of allocating gigabytes.
+# Split mode gives a few (query block, kv head) pairs several programs each, one per group of
+# segments; it pays a workspace and a second kernel, so it runs only when a pair would get at
+# least two programs: pairs <= SPLIT_TARGET_PROGRAMS / 2. The target (~30 programs per SM of
+# a 132-SM H100/H200) also bounds the programs that find no segment when the bound is
+# max_model_len (CUDA graphs). Its fp32 workspace is capped; past the cap: single pass.
+SPLIT_TARGET_PROGRAMS = 4096
 SPLIT_WORKSPACE_CAP_BYTES = 256 * 2**20
-SPLIT_MAX_TOKENS = 64
 # Rows (query tokens x query heads of one kv head) per program: 16 is the smallest tl.dot
-# accepts; prefill-heavy batches use 64 to reuse each K/V tile across more rows.
+# accepts. Decode (one query token per request) puts one token in a program; prefill-heavy
+# batches use PREFILL_BLOCK_M rows to reuse each K/V tile across more rows.
 DECODE_BLOCK_M = 16
-PREFILL_BLOCK_M = 64
 PREFILL_MIN_SEQLEN_Q = 64
+# Prefill tile: 128 rows (x head_size 128; 64 rows for 256), 8 warps, 3 stages, within what
+# Triton's fused-attention tutorial tunes over. The previous 64 rows, 4 warps, 2 stages is
+# benchmarks/attention.py's "ours_block_m64": not yet measured on a GPU, that run decides.
+PREFILL_BLOCK_M = 128
+PREFILL_NUM_WARPS = 8
+PREFILL_NUM_STAGES = 3
+# Split phase 2 loads this many segments' partials before merging them in order, so their
+# loads overlap instead of costing one memory latency per segment.
+MERGE_CHUNK = 8
 LOG2E = 1.4426950408889634
 
 
@@ -58,7 +77,8 @@ def _find_request(
     cu_seqlens_q_ptr, index, num_seqs, BLOCK_Q: tl.constexpr, IN_BLOCKS: tl.constexpr
 ):
     """Last request b whose start is <= index; starts count query tokens or, with IN_BLOCKS,
-    query blocks (cu_seqlens_q[b] // BLOCK_Q + b, an upper bound needing no host sync)."""
+    query blocks (cu_seqlens_q[b] // BLOCK_Q + b: room for each request's last partial block
+    without a host sync)."""
     lo: tl.int32 = 0
     hi = num_seqs
     while lo < hi:
@@ -157,11 +177,12 @@ def _paged_attention_kernel(
     cu_seqlens_q_ptr,
     seq_lens_ptr,
     block_table_ptr,
-    ws_m_ptr,  # split only: [T, H, S] fp32
+    ws_m_ptr,  # split only: [T, H, S] fp32, S = max_num_segments
     ws_l_ptr,  # split only: [T, H, S] fp32
     ws_acc_ptr,  # split only: [T, H, S, D] fp32
     qk_scale,
     num_seqs,
+    max_num_segments,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -185,15 +206,21 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    """Grid (query blocks, kv heads[, segments]). One program: BLOCK_Q tokens of one request x
-    the G query heads of one kv head. SPLIT: compute segment program_id(2), write partials.
-    Otherwise: merge all segments the tile needs and write the output."""
+    """Grid (query blocks, kv heads[, P]). One program: BLOCK_Q tokens of one request x the G
+    query heads of one kv head. SPLIT: compute segments program_id(2) + k * P below
+    max_num_segments, write their partials. Otherwise: merge all segments the tile needs and
+    write the output."""
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq_idx = _find_request(cu_seqlens_q_ptr, q_block, num_seqs, BLOCK_Q, True)
+    # BLOCK_Q 1 (decode): one program per token, program i is token i.
+    seq_idx = _find_request(cu_seqlens_q_ptr, q_block, num_seqs, BLOCK_Q, BLOCK_Q > 1)
     q_start = tl.load(cu_seqlens_q_ptr + seq_idx)
     q_len = tl.load(cu_seqlens_q_ptr + seq_idx + 1) - q_start
-    q_block_local = q_block - (q_start // BLOCK_Q + seq_idx)
+    if BLOCK_Q > 1:
+        q_block_local = q_block - (q_start // BLOCK_Q + seq_idx)
+    else:
+        q_block_local = q_block - q_start
+    # Also true for batch padding: tokens past the last request, requests with no tokens.
     if q_block_local * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq_idx)
@@ -201,8 +228,10 @@ def _paged_attention_kernel(
     kv_end = context_len + tl.minimum(q_len, (q_block_local + 1) * BLOCK_Q)
     num_segments = tl.cdiv(kv_end, TILES_PER_SEGMENT * TILE_N)
     if SPLIT:
-        seg = tl.program_id(2)
-        if seg >= num_segments:
+        # The workspace holds max_num_segments; a request past that bound (a caller error)
+        # gets NaN from phase 2, never another request's partials.
+        num_segments = tl.minimum(num_segments, max_num_segments)
+        if tl.program_id(2) >= num_segments:
             return
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -221,17 +250,21 @@ def _paged_attention_kernel(
     block_table_row_ptr = block_table_ptr + seq_idx.to(tl.int64) * stride_bt
 
     if SPLIT:
-        m_s, l_s, acc_s = _attend_segment(
-            q, q_pos, seg, kv_end, seq_len, k_cache_ptr, v_cache_ptr, block_table_row_ptr,
-            kv_head, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            BLOCK_SIZE, HEAD_SIZE, TILE_N, TILES_PER_SEGMENT, BLOCK_M,
-        )  # fmt: skip
-        ws_row = token * stride_wt + head * stride_wh + seg
-        tl.store(ws_m_ptr + ws_row, m_s, mask=row_ok)
-        tl.store(ws_l_ptr + ws_row, l_s, mask=row_ok)
-        tl.store(
-            ws_acc_ptr + ws_row[:, None] * HEAD_SIZE + offs_d[None, :], acc_s, mask=row_ok[:, None]
-        )
+        # Each segment from a fresh state: which program computes it changes no bits.
+        for seg in range(tl.program_id(2), num_segments, tl.num_programs(2)):
+            m_s, l_s, acc_s = _attend_segment(
+                q, q_pos, seg, kv_end, seq_len, k_cache_ptr, v_cache_ptr, block_table_row_ptr,
+                kv_head, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                stride_vh, BLOCK_SIZE, HEAD_SIZE, TILE_N, TILES_PER_SEGMENT, BLOCK_M,
+            )  # fmt: skip
+            ws_row = token * stride_wt + head * stride_wh + seg
+            tl.store(ws_m_ptr + ws_row, m_s, mask=row_ok)
+            tl.store(ws_l_ptr + ws_row, l_s, mask=row_ok)
+            tl.store(
+                ws_acc_ptr + ws_row[:, None] * HEAD_SIZE + offs_d[None, :],
+                acc_s,
+                mask=row_ok[:, None],
+            )
     else:
         M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         L = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -261,18 +294,26 @@ def _merge_segments_kernel(
     cu_seqlens_q_ptr,
     seq_lens_ptr,
     num_seqs,
+    max_num_segments,
     stride_ot,
     stride_oh,
     stride_wt,
     stride_wh,
     NUM_Q_HEADS: tl.constexpr,
-    H_PAD: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     SEGMENT: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    """Split phase 2, one program per token (all its heads): merge the token's segments
-    0..pos // SEGMENT in increasing order with the same `_merge` as single pass, normalise."""
+    """Split phase 2, grid (tokens, kv heads): merge segments 0..pos // SEGMENT of one token's
+    G query heads in increasing order with the same `_merge` as single pass, normalise.
+
+    Segments come CHUNK at a time, so their loads overlap; past the token's last segment the
+    loads give m = -inf, l = 0, acc = 0, which `_merge` folds in as an exact identity, as
+    single pass does for a segment that holds no visible position of a row."""
     token = tl.program_id(0)
+    kv_head = tl.program_id(1)
     # Tokens past the last request are batch padding (e.g. CUDA-graph buckets).
     if token >= tl.load(cu_seqlens_q_ptr + num_seqs):
         return
@@ -280,24 +321,32 @@ def _merge_segments_kernel(
     q_start = tl.load(cu_seqlens_q_ptr + seq_idx)
     q_len = tl.load(cu_seqlens_q_ptr + seq_idx + 1) - q_start
     q_pos = tl.load(seq_lens_ptr + seq_idx) - q_len + (token - q_start)
+    num_segments = q_pos // SEGMENT + 1
 
-    head = tl.arange(0, H_PAD)
+    offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, HEAD_SIZE)
-    head_ok = head < NUM_Q_HEADS
+    head = kv_head * G + offs_g
+    head_ok = offs_g < G
     ws_row = token.to(tl.int64) * stride_wt + head * stride_wh
-    M = tl.full([H_PAD], float("-inf"), dtype=tl.float32)
-    L = tl.zeros([H_PAD], dtype=tl.float32)
-    ACC = tl.zeros([H_PAD, HEAD_SIZE], dtype=tl.float32)
-    for seg in range(0, q_pos // SEGMENT + 1):
-        m_s = tl.load(ws_m_ptr + ws_row + seg, mask=head_ok, other=float("-inf"))
-        l_s = tl.load(ws_l_ptr + ws_row + seg, mask=head_ok, other=0.0)
-        acc_s = tl.load(
-            ws_acc_ptr + (ws_row + seg)[:, None] * HEAD_SIZE + offs_d[None, :],
-            mask=head_ok[:, None],
-            other=0.0,
-        )
-        M, L, ACC = _merge(M, L, ACC, m_s, l_s, acc_s)
+    M = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    L = tl.zeros([G_PAD], dtype=tl.float32)
+    ACC = tl.zeros([G_PAD, HEAD_SIZE], dtype=tl.float32)
+    num_read = tl.minimum(num_segments, max_num_segments)
+    for chunk in range(0, num_read, CHUNK):
+        for j in tl.static_range(CHUNK):
+            seg = chunk + j
+            ok = head_ok & (seg < num_read)
+            m_s = tl.load(ws_m_ptr + ws_row + seg, mask=ok, other=float("-inf"))
+            l_s = tl.load(ws_l_ptr + ws_row + seg, mask=ok, other=0.0)
+            acc_s = tl.load(
+                ws_acc_ptr + (ws_row + seg)[:, None] * HEAD_SIZE + offs_d[None, :],
+                mask=ok[:, None],
+                other=0.0,
+            )
+            M, L, ACC = _merge(M, L, ACC, m_s, l_s, acc_s)
     o = tl.div_rn(ACC, tl.where(head_ok, L, 1.0)[:, None])
+    # Past the caller's bound the partials were never computed: NaN, not a wrong number.
+    o = tl.where(num_segments > max_num_segments, float("nan"), o)
     tl.store(
         out_ptr + token.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         o.to(out_ptr.dtype.element_ty),
@@ -373,15 +422,82 @@ def _check(
         raise ValueError(f"det_backend: softmax scale={scale} must be positive.")
 
 
-def _use_split(num_tokens, num_q_heads, head_size, max_seqlen_q, max_num_segments) -> bool:
-    workspace = num_tokens * num_q_heads * max_num_segments * (head_size + 2) * 4
-    few_tokens = max_seqlen_q == 1 or num_tokens <= SPLIT_MAX_TOKENS
-    return few_tokens and workspace <= SPLIT_WORKSPACE_CAP_BYTES
+class LaunchPlan(NamedTuple):
+    split: bool
+    block_q: int  # query tokens per program
+    block_m: int  # rows per program: block_q * G padded to a power of two, >= 16
+    num_q_blocks: int  # grid dim 0
+    segment_programs: int  # split: programs per (query block, kv head), grid dim 2; else 1
+    num_warps: int
+    num_stages: int
 
 
-def _default_block_q(g: int, split: bool, max_seqlen_q: int) -> int:
-    rows = PREFILL_BLOCK_M if not split and max_seqlen_q >= PREFILL_MIN_SEQLEN_Q else DECODE_BLOCK_M
-    return max(1, rows // g)
+def _default_block_q(g: int, head_size: int, max_seqlen_q: int) -> int:
+    if max_seqlen_q == 1:
+        return 1
+    if max_seqlen_q >= PREFILL_MIN_SEQLEN_Q:
+        # BLOCK_M x head_size stays <= PREFILL_BLOCK_M x 128: the registers one tile needs.
+        return max(1, PREFILL_BLOCK_M * 128 // max(head_size, 128) // g)
+    return max(1, DECODE_BLOCK_M // g)
+
+
+def plan(
+    num_tokens: int,
+    num_seqs: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    max_seqlen_q: int,
+    max_num_segments: int,
+    split: bool | None = None,
+    block_q: int | None = None,
+    segment_programs: int | None = None,
+) -> LaunchPlan:
+    """Launch mode, query tile and grid for one batch, from shapes and bounds (host ints) only;
+    no choice here changes a bit of the output. split / block_q / segment_programs force one.
+
+    Split when it adds parallelism: more than one segment is possible and the (query block,
+    kv head) pairs are few enough to get at least two programs each."""
+    g = num_q_heads // num_kv_heads
+    if block_q is None:
+        block_q = _default_block_q(g, head_size, max_seqlen_q)
+    if block_q < 1:
+        raise ValueError(f"det_backend: block_q={block_q} must be >= 1.")
+    block_m = max(16, triton.next_power_of_2(block_q * g))
+    # From shapes only: sum_b cdiv(q_len_b, BLOCK_Q) <= num_tokens // BLOCK_Q + num_seqs; with
+    # BLOCK_Q 1 a program is a token, so no room per request is needed.
+    num_q_blocks = num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
+    if segment_programs is None:
+        pairs = num_q_blocks * num_kv_heads
+        segment_programs = min(max_num_segments, max(1, SPLIT_TARGET_PROGRAMS // pairs))
+    if segment_programs < 1:
+        raise ValueError(f"det_backend: segment_programs={segment_programs} must be >= 1.")
+    if split is None:
+        workspace = num_tokens * num_q_heads * max_num_segments * (head_size + 2) * 4
+        split = segment_programs > 1 and workspace <= SPLIT_WORKSPACE_CAP_BYTES
+    # Registers grow with BLOCK_M x head_size and with the BLOCK_M x TILE_N scores, hence
+    # max(head_size, 128): on sm_90, 128 rows x head 64 with 4 warps spills, 8 warps do not.
+    if block_m * max(head_size, 128) > 64 * 128:
+        num_warps, num_stages = PREFILL_NUM_WARPS, PREFILL_NUM_STAGES
+    else:
+        num_warps, num_stages = 4, 2
+    return LaunchPlan(
+        split, block_q, block_m, num_q_blocks, segment_programs if split else 1, num_warps,
+        num_stages,
+    )  # fmt: skip
+
+
+def _split_workspace(num_tokens, num_q_heads, num_segments, head_size, device):
+    """m, l: [T, H, S]; acc: [T, H, S, D], fp32, views of one allocation (acc first, m and l
+    on 16-byte boundaries: Triton specialises kernels on pointer alignment)."""
+    n = num_tokens * num_q_heads * num_segments
+    n_pad = -(-n // 4) * 4
+    buf = torch.empty(n * head_size + 2 * n_pad, dtype=torch.float32, device=device)
+    shape = (num_tokens, num_q_heads, num_segments)
+    acc = buf[: n * head_size].view(*shape, head_size)
+    m = buf[n * head_size : n * head_size + n].view(shape)
+    l_ = buf[n * head_size + n_pad : n * head_size + n_pad + n].view(shape)
+    return m, l_, acc
 
 
 def paged_attention(
@@ -397,6 +513,7 @@ def paged_attention(
     max_num_segments: int,
     split: bool | None = None,
     block_q: int | None = None,
+    segment_programs: int | None = None,
     kv_split_size: int = KV_SPLIT_SIZE,
 ) -> torch.Tensor:
     """Causal attention of q over the paged KV cache; writes and returns `out`.
@@ -406,10 +523,11 @@ def paged_attention(
     strides but the last).
     cu_seqlens_q: [num_seqs + 1]; seq_lens: [num_seqs] total KV length including this step's
     tokens, whose K/V are already cached; block_table: [num_seqs, max_blocks_per_seq].
-    max_num_segments must be >= cdiv(max(seq_lens), kv_split_size) (pass
-    cdiv(max_model_len, kv_split_size)); it sizes the split grid without a host sync.
-    split / block_q force a launch mode / query-tile size; neither changes the bits. Rows of
-    `out` past cu_seqlens_q[-1] (batch padding) are left untouched.
+    max_seqlen_q >= max query length. max_num_segments >= cdiv(max(seq_lens), kv_split_size),
+    a host int (no sync): the batch's real max_seq_len in an eager step; max_model_len's for a
+    CUDA graph that must replay any batch of its shape. Rows that break the bound come out NaN
+    in split mode. split / block_q / segment_programs force a choice of `plan`; none changes
+    the bits. Rows of `out` past cu_seqlens_q[-1] (batch padding) are left untouched.
     """
     _check(
         q, key_cache, value_cache, out, cu_seqlens_q, seq_lens, block_table, scale,
@@ -420,47 +538,44 @@ def paged_attention(
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
+    p = plan(
+        num_tokens, num_seqs, num_q_heads, num_kv_heads, head_size, max_seqlen_q,
+        max_num_segments, split, block_q, segment_programs,
+    )  # fmt: skip
     g = num_q_heads // num_kv_heads
     tile_n = tile_n_for(head_size)
-    if split is None:
-        split = _use_split(num_tokens, num_q_heads, head_size, max_seqlen_q, max_num_segments)
-    if block_q is None:
-        block_q = _default_block_q(g, split, max_seqlen_q)
-    if block_q < 1:
-        raise ValueError(f"det_backend: block_q={block_q} must be >= 1.")
-    block_m = max(16, triton.next_power_of_2(block_q * g))
-    num_warps = 4 if block_m * head_size <= 64 * 128 else 8
-    # From shapes only: sum_b cdiv(q_len_b, BLOCK_Q) <= num_tokens // BLOCK_Q + num_seqs.
-    num_q_blocks = num_tokens // block_q + num_seqs
 
     ws_m = ws_l = ws_acc = None
-    grid = (num_q_blocks, num_kv_heads)
-    if split:
-        ws_shape = (num_tokens, num_q_heads, max_num_segments)
-        ws_m = torch.empty(ws_shape, dtype=torch.float32, device=q.device)
-        ws_l = torch.empty_like(ws_m)
-        ws_acc = torch.empty((*ws_shape, head_size), dtype=torch.float32, device=q.device)
-        grid = (num_q_blocks, num_kv_heads, max_num_segments)
+    grid = (p.num_q_blocks, num_kv_heads)
+    # Single pass ignores the bound: pass 0 so that it compiles once for every bound.
+    ws_segments = 0
+    if p.split:
+        ws_m, ws_l, ws_acc = _split_workspace(
+            num_tokens, num_q_heads, max_num_segments, head_size, q.device
+        )
+        grid = (p.num_q_blocks, num_kv_heads, p.segment_programs)
+        ws_segments = max_num_segments
     _paged_attention_kernel[grid](
         out, q, key_cache, value_cache, cu_seqlens_q, seq_lens, block_table,
         ws_m, ws_l, ws_acc,
-        scale * LOG2E, num_seqs,
+        scale * LOG2E, num_seqs, ws_segments,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0),
-        max_num_segments * num_q_heads, max_num_segments,
+        ws_segments * num_q_heads, ws_segments,
         NUM_Q_HEADS=num_q_heads, G=g, HEAD_SIZE=head_size, BLOCK_SIZE=block_size,
         TILE_N=tile_n, TILES_PER_SEGMENT=kv_split_size // tile_n,
-        BLOCK_Q=block_q, BLOCK_M=block_m, SPLIT=split,
-        num_warps=num_warps, num_stages=2, enable_fp_fusion=False,
+        BLOCK_Q=p.block_q, BLOCK_M=p.block_m, SPLIT=p.split,
+        num_warps=p.num_warps, num_stages=p.num_stages, enable_fp_fusion=False,
     )  # fmt: skip
-    if split:
-        _merge_segments_kernel[(num_tokens,)](
-            out, ws_m, ws_l, ws_acc, cu_seqlens_q, seq_lens, num_seqs,
-            out.stride(0), out.stride(1), max_num_segments * num_q_heads, max_num_segments,
-            NUM_Q_HEADS=num_q_heads, H_PAD=triton.next_power_of_2(num_q_heads),
+    if p.split:
+        _merge_segments_kernel[(num_tokens, num_kv_heads)](
+            out, ws_m, ws_l, ws_acc, cu_seqlens_q, seq_lens, num_seqs, ws_segments,
+            out.stride(0), out.stride(1), ws_segments * num_q_heads, ws_segments,
+            NUM_Q_HEADS=num_q_heads, G=g, G_PAD=triton.next_power_of_2(g),
             HEAD_SIZE=head_size, SEGMENT=kv_split_size,
+            CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(max_num_segments)),
             num_warps=4, enable_fp_fusion=False,
         )  # fmt: skip
     return out

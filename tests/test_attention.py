@@ -1,5 +1,7 @@
 """Paged attention: accuracy against float64, and bitwise invariance to the batch, to chunked
-prefill, to decode vs prefill, to the launch mode and to the query-tile size.
+prefill, to decode vs prefill, and to every launch choice: mode, query-tile size, programs per
+segment group, and the bound on segments that sizes the grid (a batch's real max_seq_len in
+an eager step, max_model_len in a CUDA graph).
 
 CPU tests run under the Triton interpreter with a small kv_split_size so that requests of a
 few hundred positions span several segments. The interpreter's tl.dot on bf16 is broken, so
@@ -13,8 +15,16 @@ import pytest
 import torch
 from det_backend.kernels.attention import (
     KV_SPLIT_SIZE,
+    PREFILL_BLOCK_M,
+    PREFILL_NUM_STAGES,
+    PREFILL_NUM_WARPS,
+    SPLIT_TARGET_PROGRAMS,
+    SPLIT_WORKSPACE_CAP_BYTES,
+    _merge_segments_kernel,
+    _paged_attention_kernel,
     paged_attention,
     paged_attention_reference,
+    plan,
 )
 
 # Outputs are convex combinations of V (|v| ~ 1); P is rounded to the input dtype before P@V.
@@ -38,6 +48,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 # (q_len, seq_len): decode with long and short context, prefill with context, pure prefill,
 # a short chunk with context. seq_len includes the q tokens.
 MIXED = [(1, 150), (40, 170), (1, 37), (70, 70), (5, 90)]
+# Pure decode, then two requests with no tokens: vLLM's padding of a CUDA-graph batch.
+DECODE = [(1, 150), (1, 37), (1, 64), (1, 65), (1, 1), (1, 200), (0, 0), (0, 0)]
 
 
 @dataclass
@@ -116,16 +128,30 @@ def make_batch(
 
 
 def run(
-    batch: Batch, kv_split_size: int = KV_SPLIT_SIZE, max_model_len: int = 0, out_dtype=EXACT, **kw
+    batch: Batch,
+    kv_split_size: int = KV_SPLIT_SIZE,
+    max_model_len: int = 0,
+    out_dtype=EXACT,
+    max_num_segments: int | None = None,
+    **kw,
 ):
+    """The launch a backend makes; by default the grid bound comes from max_model_len (at
+    least the block table's capacity), as in a CUDA graph."""
     cu, seq_lens = batch.metadata()
     max_model_len = max(max_model_len, batch.block_table.shape[1] * batch.key_cache.shape[1])
+    if max_num_segments is None:
+        max_num_segments = math.ceil(max_model_len / kv_split_size)
     out = torch.full(batch.q.shape, float("nan"), dtype=out_dtype, device=batch.q.device)
     return paged_attention(
         batch.q, batch.key_cache, batch.value_cache, out, cu, seq_lens, batch.block_table,
-        batch.scale, max(s[0] for s in batch.specs), math.ceil(max_model_len / kv_split_size),
+        batch.scale, max(s[0] for s in batch.specs), max_num_segments,
         kv_split_size=kv_split_size, **kw,
     )  # fmt: skip
+
+
+def true_max_segments(batch: Batch, kv_split_size: int) -> int:
+    """The bound an eager step passes: from the batch's real max_seq_len."""
+    return max(1, math.ceil(max(s[1] for s in batch.specs) / kv_split_size))
 
 
 def reference(batch: Batch) -> torch.Tensor:
@@ -182,10 +208,10 @@ def test_attention_chunked_prefill_invariant(device):
         assert_rows_equal(token, full[i : i + 1], f"decode of token {i}")
 
 
-# G = 4: BLOCK_M 16 (launcher's decode tile, and one with padding rows), 64 (its prefill
-# tile), 128. G = 1: BLOCK_M 16 (padding rows), 16, 64. A smaller mix keeps the interpreter fast.
+# G = 4: BLOCK_M 16 (decode tile, with padding rows), 16, 64, 128 (prefill tile). G = 1:
+# BLOCK_M 16 (decode tile, padding rows), 16, 64. A smaller mix keeps the interpreter fast.
 @pytest.mark.parametrize(
-    "num_q_heads,num_kv_heads,block_qs", [(8, 2, [4, 3, 16, 32]), (2, 2, [16, 5, 64])]
+    "num_q_heads,num_kv_heads,block_qs", [(8, 2, [1, 4, 3, 16, 32]), (2, 2, [1, 16, 5, 64])]
 )
 @pytest.mark.parametrize("head_size", [64, 256] if torch.cuda.is_available() else [64])
 def test_attention_split_equals_single_pass(num_q_heads, num_kv_heads, block_qs, head_size, device):
@@ -196,6 +222,125 @@ def test_attention_split_equals_single_pass(num_q_heads, num_kv_heads, block_qs,
         for block_q in block_qs:
             out = run(batch, CPU_SPLIT, split=split, block_q=block_q)
             assert_rows_equal(out, base, f"split={split} block_q={block_q}")
+
+
+# (max_num_segments, split, block_q, segment_programs); None: plan() chooses. With
+# CPU_SPLIT, DECODE needs 4 segments (seq_len 200) and its block table holds 208 positions.
+DECODE_LAUNCHES = [
+    (4, False, None, None),  # bound from the real max_seq_len
+    (4, True, None, None),
+    (4, True, None, 1),  # one program walks every segment of its pair
+    (4, True, None, 3),  # programs own segments {0, 3} and {1}, {2}
+    (4, True, 2, 2),  # two tokens of one request would share a program: none here
+    (9, None, None, None),  # bound from a max_model_len past the block table: grid of 9
+    (9, True, None, 4),
+    (17, True, 1, None),  # merge chunks of 8 with identity merges past each token's last
+]
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(8, 2), (2, 2)])
+def test_attention_decode_launches_equal_bits(num_q_heads, num_kv_heads, device):
+    """Pure decode with CUDA-graph padding (3 tokens past the last request, two requests with
+    no tokens): every launch choice, and a grid from the real max_seq_len or from
+    max_model_len, gives the same bits; padding rows are never written."""
+    batch = make_batch(DECODE, num_q_heads, num_kv_heads, 64, torch.float16, device, pad=3)
+    n = sum(s[0] for s in DECODE)
+    assert true_max_segments(batch, CPU_SPLIT) == 4
+    base = run(batch, CPU_SPLIT, max_num_segments=4, split=False, block_q=1)
+    assert base[n:].isnan().all()
+    torch.testing.assert_close(base[:n].double(), reference(batch)[:n], **TOL[torch.float16])
+    for bound, split, block_q, programs in DECODE_LAUNCHES:
+        out = run(
+            batch, CPU_SPLIT, max_num_segments=bound, split=split, block_q=block_q,
+            segment_programs=programs,
+        )  # fmt: skip
+        what = f"bound={bound} split={split} block_q={block_q} segment_programs={programs}"
+        assert_rows_equal(out[:n], base[:n], what)
+        assert out[n:].isnan().all(), f"{what}: padding rows written"
+
+
+def test_attention_grid_from_true_max_equals_max_model_len(device):
+    """The bound vLLM passes an eager step (cdiv(max_seq_len, split)) and the one a CUDA graph
+    is captured with (cdiv(max_model_len, split)) lead plan() to different launches with the
+    same bits, for decode and mixed batches."""
+    for specs, seed in ((DECODE, 4), (MIXED, 5)):
+        batch = make_batch(specs, 8, 2, 64, torch.float16, device, seed=seed, pad=2)
+        n = sum(s[0] for s in specs)
+        true_max = true_max_segments(batch, CPU_SPLIT)
+        eager = run(batch, CPU_SPLIT, max_num_segments=true_max)
+        graph = run(batch, CPU_SPLIT, max_num_segments=16)
+        assert_rows_equal(eager[:n], graph[:n], f"{specs}: bound {true_max} vs 16")
+    # One segment: single pass; a long max_model_len would have split it.
+    short = make_batch([(1, 40), (1, 64)], 8, 2, 64, torch.float16, device, seed=7)
+    one = run(short, CPU_SPLIT, max_num_segments=1)
+    assert_rows_equal(one, run(short, CPU_SPLIT, max_num_segments=16), "short decode")
+    assert not plan(2, 2, 8, 2, 64, 1, 1).split and plan(2, 2, 8, 2, 64, 1, 16).split
+
+
+def test_attention_past_the_bound_is_nan(device):
+    """A bound below a request's segments (a caller error) gives NaN in split mode, not
+    another request's numbers; rows within the bound are exact."""
+    batch = make_batch(DECODE, 8, 2, 64, torch.float16, device)
+    full = run(batch, CPU_SPLIT, max_num_segments=4, split=False)
+    low = run(batch, CPU_SPLIT, max_num_segments=2, split=True)
+    for b, (q_len, seq_len) in enumerate(DECODE):
+        rows = batch.token_rows(b)
+        if q_len and seq_len > 2 * CPU_SPLIT:
+            assert low[rows].isnan().all(), f"request {b} past the bound"
+        else:
+            assert_rows_equal(low[rows], full[rows], f"request {b} within the bound")
+
+
+def test_plan_decode_uses_one_program_per_token():
+    p = plan(64, 64, 32, 8, 128, 1, 8)
+    assert (p.block_q, p.num_q_blocks, p.block_m) == (1, 64, 16)
+    # Prefill-sized query tiles leave room for each request's partial last block.
+    p = plan(300, 3, 32, 8, 128, 200, 8)
+    assert p.block_q == PREFILL_BLOCK_M // 4 and p.num_q_blocks == 300 // p.block_q + 3
+
+
+@pytest.mark.parametrize(
+    "num_tokens,max_seqlen_q,bound,split",
+    [
+        (1, 1, 1, False),  # one segment: nothing to split
+        (1, 1, 64, True),  # one request, 32k context: 8 pairs, 64 segments
+        (8, 1, 4, True),
+        (SPLIT_TARGET_PROGRAMS // 16, 1, 4, True),  # pairs = target / 2: two programs each
+        (SPLIT_TARGET_PROGRAMS // 16 + 1, 1, 4, False),  # one program each: single pass
+        (64, 1, 2048, False),  # 1M context: workspace over the cap
+        (4096, 512, 64, False),  # prefill at long context: workspace over the cap
+        (40, 40, 64, True),  # a short chunk at long context: 11 query blocks
+    ],
+)
+def test_plan_splits_only_when_it_adds_programs(num_tokens, max_seqlen_q, bound, split):
+    num_seqs = max(1, num_tokens // max_seqlen_q)
+    p = plan(num_tokens, num_seqs, 32, 8, 128, max_seqlen_q, bound)
+    assert p.split == split
+    if split:
+        assert 2 <= p.segment_programs <= bound
+        assert p.num_q_blocks * 8 * p.segment_programs <= SPLIT_TARGET_PROGRAMS
+        assert num_tokens * 32 * bound * 130 * 4 <= SPLIT_WORKSPACE_CAP_BYTES
+    else:
+        assert p.segment_programs == 1
+
+
+def test_plan_tiles():
+    # head_size <= 128: prefill tile of PREFILL_BLOCK_M rows with the prefill warps/stages.
+    p = plan(4096, 2, 32, 8, 128, 2048, 8)
+    assert (p.block_m, p.num_warps, p.num_stages) == (
+        PREFILL_BLOCK_M, PREFILL_NUM_WARPS, PREFILL_NUM_STAGES,
+    )  # fmt: skip
+    # head_size 256: half the rows, the same registers per tile; head_size 64: same rows.
+    assert plan(4096, 2, 32, 8, 256, 2048, 8).block_m == PREFILL_BLOCK_M // 2
+    p = plan(4096, 2, 32, 8, 64, 2048, 8)
+    assert (p.block_m, p.num_warps) == (PREFILL_BLOCK_M, PREFILL_NUM_WARPS)
+    # The previous prefill tile (64 rows x 128, 4 warps, 2 stages) stays reachable.
+    p = plan(4096, 2, 32, 8, 128, 2048, 8, block_q=16)
+    assert (p.block_m, p.num_warps, p.num_stages) == (64, 4, 2)
+    with pytest.raises(ValueError, match="block_q"):
+        plan(8, 8, 32, 8, 128, 1, 4, block_q=0)
+    with pytest.raises(ValueError, match="segment_programs"):
+        plan(8, 8, 32, 8, 128, 1, 4, segment_programs=0)
 
 
 def test_attention_nondeterministic_control(device):
@@ -279,37 +424,65 @@ def test_attention_invariant_real_shapes(dtype, device):
             out = run(batch, max_model_len=max_model_len, split=split, block_q=block_q)
             assert_rows_equal(out[:n], full[:n], f"split={split} block_q={block_q}")
 
+    # The decodes alone, as vLLM launches them: grid from their real max_seq_len (eager) or
+    # from a max_model_len of 4096 or 32768 (CUDA graph), and programs per segment group.
+    decodes = batch.subset(list(range(64)))
+    expected = full[:64]
+    true_max = true_max_segments(decodes, KV_SPLIT_SIZE)
+    for bound, split, programs in (
+        (true_max, None, None),
+        (8, None, None),
+        (64, None, None),
+        (true_max, True, 1),
+        (64, True, 3),
+        (64, False, None),
+    ):
+        out = run(decodes, max_num_segments=bound, split=split, segment_programs=programs)
+        assert_rows_equal(out, expected, f"decode bound={bound} split={split} P={programs}")
+
+
+def _compiled_variants() -> int:
+    kernels = (_paged_attention_kernel, _merge_segments_kernel)
+    return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+
 
 @pytest.mark.gpu
-def test_attention_cuda_graph_replay(device):
-    """Grids and workspace come from shapes only: a graph captured once replays batches with
-    other lengths and block tables (same shapes) and gives the eager bits, in both modes."""
-    specs = [[(1, 4096), (1, 100), (1, 2000)], [(1, 100), (1, 2000), (1, 4096)]]
-    batches = [
-        make_batch(s, 32, 8, 128, torch.bfloat16, device, seed=i) for i, s in enumerate(specs)
-    ]
-    static = make_batch(specs[0], 32, 8, 128, torch.bfloat16, device, seed=9)
+@pytest.mark.parametrize("split", [None, True, False])
+def test_attention_cuda_graph_replay(split, device):
+    """vLLM's V1 flow for a full decode graph: an eager warm-up with dummy seq_lens of 1 and
+    the max_model_len bound (what the backend's build() gives such a batch), then a capture
+    with the same bound, which must compile nothing: loading a Triton module mid-capture is
+    an error. The graph then replays batches of other lengths and block tables and gives the
+    bits of eager launches sized from their real max_seq_len."""
+    bound = 8192 // KV_SPLIT_SIZE
+    pool_specs = [(1, 8000), (1, 4096), (1, 2000), (1, 513), (1, 100), (1, 40), (1, 1)]
+    pool = make_batch(pool_specs, 32, 8, 128, torch.bfloat16, device, seed=9)
+    subsets = [[1, 4, 2], [4, 2, 0], [6, 3, 5]]
+    static = pool.subset(subsets[0])  # shares pool's KV cache; q and block table its own
     cu, seq_lens = static.metadata()
     out = torch.empty_like(static.q, dtype=EXACT)
-    for split in (True, False):
 
-        def call(split=split):
-            paged_attention(
-                static.q, static.key_cache, static.value_cache, out, cu, seq_lens,
-                static.block_table, static.scale, 1, 4096 // KV_SPLIT_SIZE,
-                split=split,
-            )  # fmt: skip
+    def call():
+        paged_attention(
+            static.q, static.key_cache, static.value_cache, out, cu, seq_lens,
+            static.block_table, static.scale, 1, bound, split=split,
+        )  # fmt: skip
 
-        call()  # compile before capturing
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
-        for i, batch in enumerate(batches):
-            sources = (batch.q, batch.key_cache, batch.value_cache, batch.block_table)
-            targets = (static.q, static.key_cache, static.value_cache, static.block_table)
-            for dst, src in zip(targets + (cu, seq_lens), sources + batch.metadata(), strict=True):
-                dst.copy_(src)
-            graph.replay()
-            eager = run(batch, max_model_len=4096, split=split)
-            assert_rows_equal(out, eager, f"graph replay of batch {i}, split={split}")
+    for kernel in (_paged_attention_kernel, _merge_segments_kernel):
+        kernel.device_caches.clear()  # so that a variant only the capture needs would show
+    seq_lens.fill_(1)
+    call()
+    torch.cuda.synchronize()
+    compiled = _compiled_variants()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    assert _compiled_variants() == compiled
+    for bs in subsets:
+        batch = pool.subset(bs)
+        static.q.copy_(batch.q)
+        static.block_table.copy_(batch.block_table)
+        seq_lens.copy_(batch.metadata()[1])
+        graph.replay()
+        eager = run(batch, max_num_segments=true_max_segments(batch, KV_SPLIT_SIZE))
+        assert_rows_equal(out, eager, f"graph replay of requests {bs}, split={split}")

@@ -208,6 +208,47 @@ def test_impl_refuses_unsupported_layer_before_patching():
         DetAttentionImpl(num_heads=8, head_size=96, scale=0.1, num_kv_heads=8)
 
 
+def test_builder_bounds_segments_by_max_seq_len_except_for_full_graphs():
+    """Eager steps size the attention grid from max_seq_len; a full CUDA graph's capture, and
+    the V1 runner's eager warm-up of it (decode, seq_lens of 1, build()), from max_model_len,
+    so that the warm-up compiles and loads exactly what the capture launches."""
+    from vllm.config import CUDAGraphMode
+
+    from det_backend.backend import DetAttentionMetadataBuilder
+
+    builder = object.__new__(DetAttentionMetadataBuilder)  # the bound needs no vLLM engine
+    compilation = SimpleNamespace(
+        cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE, max_cudagraph_capture_size=512
+    )
+    builder.vllm_config = SimpleNamespace(compilation_config=compilation)
+    builder.max_num_segments = 64  # max_model_len 32768
+
+    def bound(num_tokens, max_query_len, max_seq_len, capture=False) -> int:
+        cm = SimpleNamespace(
+            num_actual_tokens=num_tokens,
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+            query_start_loc=None,
+            seq_lens=None,
+            block_table_tensor=None,
+            slot_mapping=None,
+        )
+        if capture:
+            return builder.build_for_cudagraph_capture(cm).max_num_segments
+        return builder.build(0, cm).max_num_segments
+
+    assert bound(300, 200, 1500) == 3  # prefill and mixed: piecewise, attention eager
+    assert bound(8, 1, 1) == bound(8, 1, 32768, capture=True) == 64  # V1 warm-up, capture
+    assert bound(512, 1, 1) == 64
+    assert bound(513, 1, 1000) == 2  # decode past the largest graph runs eagerly
+    assert bound(8, 1, 0) == 64
+    for mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE):
+        compilation.cudagraph_mode = mode
+        assert bound(8, 1, 1000) == 2
+        assert bound(8, 1, 0) == 1  # an empty dummy batch still launches a valid grid
+    assert bound(8, 1, 1000, capture=True) == 64
+
+
 def test_backend_validate_configuration_rejects_what_vllm_checks():
     from det_backend.backend import DetAttentionBackend
 
