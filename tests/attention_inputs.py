@@ -96,3 +96,17 @@ def assert_rows_equal(actual: torch.Tensor, expected: torch.Tensor, what: str):
         diff = (actual.float() - expected.float()).abs()
         rows = (diff.flatten(1).amax(1) > 0).nonzero().flatten().tolist()
         raise AssertionError(f"{what}: rows {rows[:10]} differ, max |diff| {diff.max().item()}")
+
+
+def join(*batches: Batch) -> Batch:
+    """The requests of several batches over one cache (e.g. from select/subset of one
+    make_batch), in order, as one batch."""
+    first = batches[0]
+    return Batch(
+        torch.cat([b.q for b in batches]),
+        first.key_cache,
+        first.value_cache,
+        torch.cat([b.block_table for b in batches]),
+        [s for b in batches for s in b.specs],
+        first.scale,
+    )
