@@ -1,12 +1,14 @@
-"""Attention benchmark: our paged attention vs FlashAttention-3 as vLLM calls it by default,
-and FA3 with num_splits=1 (what VLLM_BATCH_INVARIANT uses), GQA 32/8 heads of 128, bf16,
-paged KV (block 16, blocks shuffled), in one process on the same inputs.
+"""Attention benchmark: our attention variants vs FlashAttention-3 as vLLM calls it by
+default, and FA3 with num_splits=1 (what VLLM_BATCH_INVARIANT uses), GQA 32/8 heads of 128,
+bf16, paged KV (block 16, blocks shuffled), in one process on the same inputs. Variants:
+`ours` = triton (kernels/attention.py), `det_fa3` = fa3 (det_backend/fa3.py: FA3 pinned to
+one split and its prefill kernel).
 
     python benchmarks/attention.py --out attention.json
     python benchmarks/attention.py --plot attention.json
 
 Workloads: decode (batch 1..256, context 512..32k) and prefill (1k..16k new tokens, alone
-and mixed with 64 decodes). Speed-up = FA3 default time / ours. vLLM's Triton unified
+and mixed with 64 decodes). Speed-up = FA3 default time / variant's. vLLM's Triton unified
 attention is not measured here yet.
 """
 
@@ -17,6 +19,9 @@ import math
 from harness import bench, copy_bandwidth, geomean, main, pyplot, run_info
 
 Q_HEADS, KV_HEADS, HEAD = 32, 8, 128
+# Our variants -> (key prefix of their geomeans, key of their ratio to default FA3 in a point);
+# triton's keys keep the names they had before there were variants.
+VARIANTS = {"triton": ("", "speedup_vs_fa3"), "fa3": ("det_fa3_", "det_fa3_speedup_vs_fa3")}
 BLOCK = 16
 DECODE_BATCH = (1, 8, 32, 64, 128, 256)
 DECODE_CONTEXT = (512, 2048, 8192, 32768)
@@ -59,6 +64,8 @@ def providers(t: dict) -> dict:
     from det_backend.kernels.attention import KV_SPLIT_SIZE, paged_attention
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
+    from det_backend.fa3 import fa3_paged_attention
+
     scale = HEAD**-0.5
 
     def fa3(num_splits: int):
@@ -91,6 +98,18 @@ def providers(t: dict) -> dict:
             t["max_q"],
             math.ceil(t["max_k"] / KV_SPLIT_SIZE),
         ),
+        "det_fa3": lambda: fa3_paged_attention(
+            t["q"],
+            t["k"],
+            t["v"],
+            t["out"],
+            t["cu"],
+            t["seq_lens"],
+            t["table"],
+            scale,
+            t["max_q"],
+            t["max_k"],
+        ),
         "fa3_default": fa3(0),
         "fa3_num_splits_1": fa3(1),
     }
@@ -108,13 +127,15 @@ def measure(kind: str, specs: list[tuple[int, int]], label: dict, bandwidth: flo
         **{f"{k}_ms": v for k, v in times.items()},
         "speedup_vs_fa3": times["fa3_default"] / times["ours"],
         "speedup_vs_fa3_num_splits_1": times["fa3_num_splits_1"] / times["ours"],
+        "det_fa3_speedup_vs_fa3": times["fa3_default"] / times["det_fa3"],
         "ours_kv_GBps": kv_bytes / (times["ours"] * 1e-3) / 1e9,
         "ours_tflops": flops / (times["ours"] * 1e-3) / 1e12,
         "kv_floor_ms": kv_bytes / bandwidth * 1e3,
     }
     print(
-        f"{kind:>8} {label}  ours {times['ours']:.3f} ms  FA3 {times['fa3_default']:.3f}  "
-        f"FA3/1 {times['fa3_num_splits_1']:.3f}  x{p['speedup_vs_fa3']:.2f}",
+        f"{kind:>8} {label}  ours {times['ours']:.3f} ms  det_fa3 {times['det_fa3']:.3f}  "
+        f"FA3 {times['fa3_default']:.3f}  FA3/1 {times['fa3_num_splits_1']:.3f}  "
+        f"x{p['speedup_vs_fa3']:.2f} x{p['det_fa3_speedup_vs_fa3']:.2f}",
         flush=True,
     )
     return p
@@ -136,15 +157,18 @@ def run() -> dict:
                 "mixed", prompts + [(1, 2048)] * 64, {"tokens": tokens, "decodes": 64}, bandwidth
             )
         )
-    decode = [p["speedup_vs_fa3"] for p in points if p["kind"] == "decode"]
-    prefill = [p["speedup_vs_fa3"] for p in points if p["kind"] != "decode"]
+    summary = {}
+    for prefix, key in VARIANTS.values():
+        decode = [p[key] for p in points if p["kind"] == "decode"]
+        prefill = [p[key] for p in points if p["kind"] != "decode"]
+        summary[f"{prefix}decode_geomean_speedup_vs_fa3"] = geomean(decode)
+        summary[f"{prefix}prefill_geomean_speedup_vs_fa3"] = geomean(prefill)
     return {
         **run_info(),
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "heads": [Q_HEADS, KV_HEADS, HEAD],
         "block_size": BLOCK,
-        "decode_geomean_speedup_vs_fa3": geomean(decode),
-        "prefill_geomean_speedup_vs_fa3": geomean(prefill),
+        **summary,
         "points": points,
     }
 
@@ -152,36 +176,39 @@ def run() -> dict:
 def plot(data: dict):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ctx in DECODE_CONTEXT:
-        pts = [p for p in data["points"] if p["kind"] == "decode" and p["context"] == ctx]
-        axes[0].plot(
-            [p["batch"] for p in pts],
-            [p["speedup_vs_fa3"] for p in pts],
-            "o-",
-            label=f"context {ctx}",
-        )
+    # Results from before the fa3 variant carry only triton's ratios.
+    variants = {v: key for v, (_, key) in VARIANTS.items() if key in data["points"][0]}
+    for (variant, key), style in zip(variants.items(), ("o-", "s--"), strict=False):
+        # One colour per context (per workload on the right), one line style per variant.
+        for i, ctx in enumerate(DECODE_CONTEXT):
+            pts = [p for p in data["points"] if p["kind"] == "decode" and p["context"] == ctx]
+            x, y = [p["batch"] for p in pts], [p[key] for p in pts]
+            axes[0].plot(x, y, style, color=f"C{i}", label=f"{variant}, context {ctx}")
+        for i, kind in enumerate(("prefill", "mixed")):
+            pts = [p for p in data["points"] if p["kind"] == kind]
+            x, y = [p["tokens"] for p in pts], [p[key] for p in pts]
+            axes[1].plot(x, y, style, color=f"C{i}", label=f"{variant}, {kind}")
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("decode batch")
-    for kind in ("prefill", "mixed"):
-        pts = [p for p in data["points"] if p["kind"] == kind]
-        axes[1].plot(
-            [p["tokens"] for p in pts], [p["speedup_vs_fa3"] for p in pts], "o-", label=kind
-        )
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("new prefill tokens")
     for ax in axes:
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_ylabel("FA3 time / ours (higher is better)")
-        ax.legend()
-    fig.suptitle(f"det_backend attention vs FlashAttention-3 (vLLM default), {data['gpu']}")
+        ax.set_ylabel("FA3 time / variant's (higher is better)")
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"det_backend attention variants vs FlashAttention-3 (vLLM default), {data['gpu']}"
+    )
     fig.tight_layout()
     return fig
 
 
 def _summary(result: dict) -> str:
     return (
-        f"decode geomean vs FA3 {result['decode_geomean_speedup_vs_fa3']:.3f}, prefill "
-        f"{result['prefill_geomean_speedup_vs_fa3']:.3f} on {result['gpu']}"
+        f"decode geomean vs FA3: triton {result['decode_geomean_speedup_vs_fa3']:.3f}, fa3 "
+        f"{result['det_fa3_decode_geomean_speedup_vs_fa3']:.3f}; prefill: triton "
+        f"{result['prefill_geomean_speedup_vs_fa3']:.3f}, fa3 "
+        f"{result['det_fa3_prefill_geomean_speedup_vs_fa3']:.3f} on {result['gpu']}"
     )
 
 
