@@ -141,23 +141,31 @@ def test_fa3_invariant_where_default_fa3_splits(device):
     )
 
 
-def test_vllm_batch_invariant_fa3_decode_differs_from_prefill_at_head_size_64(device):
+def test_vllm_batch_invariant_fa3_decode_depends_on_the_batch_at_head_size_64(device):
     """Why max_seqlen_q is pinned: vLLM's own VLLM_BATCH_INVARIANT call (num_splits=1) runs a
-    decode through FA3's one-warpgroup kernel (kBlockN 192 at head_size 64) and a prefill
-    through the two-warpgroup one (kBlockN 128): a token's bits depend on which it was."""
-    specs = [(600, 900)]
+    decode-only batch through FA3's one-warpgroup kernel (kBlockN 192 at head_size 64) and a
+    batch holding a prefill through the two-warpgroup one (kBlockN 128): a decoded token's bits
+    depend on whether another request was prefilling in the same step, and differ from the
+    same token recomputed in a prefill."""
+    specs = [(600, 900), (300, 300)]
     batch = make_batch(specs, 32, 8, 64, torch.bfloat16, device, seed=5)
-    prefill = run_as_vllm(batch, num_splits=1)
-    decodes = torch.cat(
-        [run_as_vllm(batch.select(0, slice(i, i + 1)), num_splits=1) for i in range(400, 600)]
+    tokens = range(400, 600)
+    prefill = run_as_vllm(batch.select(0), num_splits=1)[400:600]
+    other_prefill = batch.select(1)
+    alone, beside = [], []
+    for i in tokens:
+        token = batch.select(0, slice(i, i + 1))
+        alone.append(run_as_vllm(token, num_splits=1))
+        beside.append(run_as_vllm(join(token, other_prefill), num_splits=1)[:1])
+    alone, beside = torch.cat(alone), torch.cat(beside)
+    torch.testing.assert_close(alone, prefill, **TOL[torch.bfloat16])
+    assert torch.equal(beside, prefill), "same kernel (two warpgroups): same bits expected"
+    assert not torch.equal(alone, beside), (
+        "vLLM's batch-invariant FA3 call gave a decode the same bits alone and beside a "
+        "prefill at head_size 64: the max_seqlen_q pin may not be needed (ATTENTION_VARIANTS.md)"
     )
-    torch.testing.assert_close(decodes, prefill[400:600], **TOL[torch.bfloat16])
-    assert not torch.equal(decodes, prefill[400:600]), (
-        "vLLM's batch-invariant FA3 call gave decode = prefill at head_size 64: the pin on "
-        "max_seqlen_q may not be needed (see ATTENTION_VARIANTS.md)"
-    )
-    pinned = torch.cat([run(batch.select(0, slice(i, i + 1))) for i in range(400, 600)])
-    assert_rows_equal(pinned, run(batch)[400:600], "pinned decode vs pinned prefill")
+    pinned = torch.cat([run(batch.select(0, slice(i, i + 1))) for i in tokens])
+    assert_rows_equal(pinned, run(batch.select(0))[400:600], "pinned decode vs pinned prefill")
 
 
 def test_fa3_zero_length_padding_requests(device):
