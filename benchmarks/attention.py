@@ -5,6 +5,9 @@ paged KV (block 16, blocks shuffled), in one process on the same inputs.
     python benchmarks/attention.py --out attention.json
     python benchmarks/attention.py --plot attention.json
 
+Variants: `ours` = triton (kernels/attention.py), `det_fa3` = the fa3 variant
+(det_backend/fa3.py: vLLM's FA3 pinned to one split and its prefill kernel).
+
 Workloads: decode (batch 1..256, context 512..32k) and prefill (1k..16k new tokens, alone
 and mixed with 64 decodes). Speed-up = FA3 default time / ours. "ours" is an eager launch with
 the grid sized from the batch's real max_seq_len, as the backend launches prefill and mixed
@@ -65,6 +68,8 @@ def providers(t: dict, kind: str) -> dict:
     from det_backend.kernels.attention import KV_SPLIT_SIZE, paged_attention
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
+    from det_backend.fa3 import fa3_paged_attention
+
     scale = HEAD**-0.5
 
     def fa3(num_splits: int):
@@ -102,6 +107,19 @@ def providers(t: dict, kind: str) -> dict:
     real_bound = math.ceil(t["max_k"] / KV_SPLIT_SIZE)
     fns = {
         "ours": ours(real_bound),
+        # The fa3 variant (DET_BACKEND_ATTENTION=fa3): FA3 pinned to one split.
+        "det_fa3": lambda: fa3_paged_attention(
+            t["q"],
+            t["k"],
+            t["v"],
+            t["out"],
+            t["cu"],
+            t["seq_lens"],
+            t["table"],
+            scale,
+            t["max_q"],
+            t["max_k"],
+        ),
         "fa3_default": fa3(0),
         "fa3_num_splits_1": fa3(1),
     }
@@ -126,6 +144,7 @@ def measure(kind: str, specs: list[tuple[int, int]], label: dict, bandwidth: flo
         **{f"{k}_ms": v for k, v in times.items()},
         "speedup_vs_fa3": times["fa3_default"] / times["ours"],
         "speedup_vs_fa3_num_splits_1": times["fa3_num_splits_1"] / times["ours"],
+        "det_fa3_speedup_vs_fa3": times["fa3_default"] / times["det_fa3"],
         "ours_kv_GBps": kv_bytes / (times["ours"] * 1e-3) / 1e9,
         "ours_tflops": flops / (times["ours"] * 1e-3) / 1e12,
         "kv_floor_ms": kv_bytes / bandwidth * 1e3,
@@ -138,8 +157,9 @@ def measure(kind: str, specs: list[tuple[int, int]], label: dict, bandwidth: flo
         p["prefill_tile_speedup"] = times["ours_block_m64"] / times["ours"]
         extra = f"  ours 64-row tile {times['ours_block_m64']:.3f}"
     print(
-        f"{kind:>8} {label}  ours {times['ours']:.3f} ms  FA3 {times['fa3_default']:.3f}  "
-        f"FA3/1 {times['fa3_num_splits_1']:.3f}  x{p['speedup_vs_fa3']:.2f}{extra}",
+        f"{kind:>8} {label}  ours {times['ours']:.3f} ms  det_fa3 {times['det_fa3']:.3f}  "
+        f"FA3 {times['fa3_default']:.3f}  FA3/1 {times['fa3_num_splits_1']:.3f}  "
+        f"x{p['speedup_vs_fa3']:.2f} det_fa3 x{p['det_fa3_speedup_vs_fa3']:.2f}{extra}",
         flush=True,
     )
     return p
@@ -173,6 +193,12 @@ def run() -> dict:
         "decode_graph_geomean_speedup_vs_fa3": geomean([p["graph_speedup_vs_fa3"] for p in decode]),
         "prefill_geomean_speedup_vs_fa3": geomean([p["speedup_vs_fa3"] for p in prefill]),
         "prefill_tile_geomean_speedup": geomean([p["prefill_tile_speedup"] for p in prefill]),
+        "det_fa3_decode_geomean_speedup_vs_fa3": geomean(
+            [p["det_fa3_speedup_vs_fa3"] for p in decode]
+        ),
+        "det_fa3_prefill_geomean_speedup_vs_fa3": geomean(
+            [p["det_fa3_speedup_vs_fa3"] for p in prefill]
+        ),
         "points": points,
     }
 
@@ -194,19 +220,34 @@ def plot(data: dict):
                 color=f"C{i}",
                 label=f"ctx {ctx}, CUDA graphs",
             )
+        if "det_fa3_speedup_vs_fa3" in pts[0]:
+            axes[0].plot(
+                batches,
+                [p["det_fa3_speedup_vs_fa3"] for p in pts],
+                "^:",
+                color=f"C{i}",
+                label=f"ctx {ctx}, fa3 variant",
+            )
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("decode batch")
-    for kind in ("prefill", "mixed"):
+    for i, kind in enumerate(("prefill", "mixed")):
         pts = [p for p in data["points"] if p["kind"] == kind]
-        axes[1].plot(
-            [p["tokens"] for p in pts], [p["speedup_vs_fa3"] for p in pts], "o-", label=kind
-        )
+        tokens = [p["tokens"] for p in pts]
+        axes[1].plot(tokens, [p["speedup_vs_fa3"] for p in pts], "o-", color=f"C{i}", label=kind)
+        if "det_fa3_speedup_vs_fa3" in pts[0]:
+            axes[1].plot(
+                tokens,
+                [p["det_fa3_speedup_vs_fa3"] for p in pts],
+                "^:",
+                color=f"C{i}",
+                label=f"{kind}, fa3 variant",
+            )
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("new prefill tokens")
     for ax in axes:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_ylabel("FA3 time / ours (higher is better)")
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle(f"det_backend attention vs FlashAttention-3 (vLLM default), {data['gpu']}")
     fig.tight_layout()
     return fig
@@ -217,7 +258,9 @@ def _summary(result: dict) -> str:
         f"decode geomean vs FA3 {result['decode_geomean_speedup_vs_fa3']:.3f} (CUDA graphs "
         f"{result['decode_graph_geomean_speedup_vs_fa3']:.3f}), prefill "
         f"{result['prefill_geomean_speedup_vs_fa3']:.3f} (vs 64-row tile "
-        f"x{result['prefill_tile_geomean_speedup']:.3f}) on {result['gpu']}"
+        f"x{result['prefill_tile_geomean_speedup']:.3f}); fa3 variant: decode "
+        f"{result.get('det_fa3_decode_geomean_speedup_vs_fa3', float('nan')):.3f}, prefill "
+        f"{result.get('det_fa3_prefill_geomean_speedup_vs_fa3', float('nan')):.3f} on {result['gpu']}"
     )
 
 

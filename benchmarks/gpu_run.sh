@@ -2,6 +2,7 @@
 # On the lent GPU host (README, "Benchmarks"): install this checkout next to the staged vLLM,
 # then run what is asked, writing logs and JSON under $OUT.
 #   bash benchmarks/gpu_run.sh kernels    gpu-marked kernel tests
+#   bash benchmarks/gpu_run.sh fa3        the fa3 attention variant: its GPU tests and selection tests (fa3.log)
 #   bash benchmarks/gpu_run.sh e2e        end-to-end engine test (+ e2e.json)
 #   bash benchmarks/gpu_run.sh smoke      the demo on the small model (16 prompts)
 #   bash benchmarks/gpu_run.sh gemm-sweep every candidate tile at every point (gemm_sweep.json)
@@ -32,6 +33,11 @@ if [[ $what == *" kernels "* || $what == *" all "* ]]; then
   # KERNELS_K: a pytest -k expression choosing among the kernel tests (default: all).
   python3 -m pytest -q -m "gpu and not slow" "$REPO/tests" -p no:cacheprovider --continue-on-collection-errors \
     ${KERNELS_K:+-k "$KERNELS_K"} 2>&1 | tee "$OUT/kernels.log"
+  rc=$(( rc | ${PIPESTATUS[0]} ))
+fi
+if [[ $what == *" fa3 "* ]]; then
+  python3 -m pytest -q "$REPO/tests/test_attention_fa3.py" "$REPO/tests/test_attention_variants.py" \
+    -p no:cacheprovider 2>&1 | tee "$OUT/fa3.log" | tail -40
   rc=$(( rc | ${PIPESTATUS[0]} ))
 fi
 if [[ $what == *" smoke "* || $what == *" all "* ]]; then

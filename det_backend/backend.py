@@ -1,10 +1,13 @@
 """The attention backend vLLM resolves for `--attention-backend CUSTOM`.
 
 Structure follows vllm/v1/attention/backends/triton_attn.py (metadata dataclass, builder,
-backend, impl); the kernel is ours (kernels/attention.py): every query token reduces its KV
-in tiles and fixed-size segments aligned to position 0, so its bits depend only on its own
-request. The KV cache is written (do_kv_cache_update) before attention runs, so prefill,
-chunked prefill and prefix-cache hits read the same cache layout.
+backend, impl). The kernel is picked by DET_BACKEND_ATTENTION (det_backend/variants.py):
+`triton` (default) is ours (kernels/attention.py): every query token reduces its KV in tiles
+and fixed-size segments aligned to position 0, so its bits depend only on its own request;
+`fa3` is vLLM's FlashAttention-3 with every batch-dependent choice pinned (det_backend/fa3.py).
+Both read the same KV cache layout (vLLM's FlashAttention one). The KV cache is written
+(do_kv_cache_update) before attention runs, so prefill, chunked prefill and prefix-cache hits
+read the same cache.
 
 Constructing the impl turns deterministic mode on in this process (det_backend.mode).
 """
@@ -30,20 +33,16 @@ from vllm.v1.attention.backends.utils import get_kv_cache_layout
 from vllm.v1.attention.ops.triton_reshape_and_cache_flash import triton_reshape_and_cache_flash
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from . import mode
-from .config import (
-    SUPPORTED_DTYPES,
-    SUPPORTED_KV_CACHE_DTYPES,
-    DeterminismError,
-    layer_problems,
-)
-from .kernels.attention import KV_SPLIT_SIZE, SUPPORTED_HEAD_SIZES, paged_attention
+from . import fa3, mode, variants
+from .config import SUPPORTED_DTYPES, SUPPORTED_KV_CACHE_DTYPES, DeterminismError
+from .kernels.attention import KV_SPLIT_SIZE, paged_attention
 
 
 @dataclass
 class DetAttentionMetadata:
     num_actual_tokens: int  # tokens in the batch, padding excluded
     max_query_len: int
+    max_seq_len: int  # fa3 only: an upper bound of seq_lens
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32
     seq_lens: torch.Tensor  # [num_reqs] int32, KV length including this step's tokens
     block_table: torch.Tensor  # [num_reqs, max_blocks] int32
@@ -118,6 +117,7 @@ class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]
         return DetAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
             query_start_loc=cm.query_start_loc,
             seq_lens=cm.seq_lens,
             block_table=cm.block_table_tensor,
@@ -146,6 +146,10 @@ class DetAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        # vLLM splits larger cache blocks into these (v1/worker/utils.py
+        # select_common_block_size); fa3 must stay under FA3's TMA paged-KV page sizes.
+        if variants.read_variant() == "fa3":
+            return list(fa3.BLOCK_SIZES)
         return [MultipleOf(16)]
 
     @staticmethod
@@ -176,7 +180,7 @@ class DetAttentionBackend(AttentionBackend):
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
-        return list(SUPPORTED_HEAD_SIZES)
+        return list(variants.head_sizes(variants.read_variant()))
 
     @classmethod
     def supports_batch_invariance(cls) -> bool:
@@ -208,7 +212,9 @@ class DetAttentionImpl(AttentionImpl[DetAttentionMetadata]):
         sinks: torch.Tensor | None = None,
         **extra: object,
     ) -> None:
-        reasons = layer_problems(
+        variant = variants.read_variant()
+        reasons = variants.layer_problems(
+            variant,
             head_size,
             alibi_slopes,
             sliding_window,
@@ -221,9 +227,11 @@ class DetAttentionImpl(AttentionImpl[DetAttentionMetadata]):
         if reasons:
             raise DeterminismError(reasons)
         mode.enable(get_current_vllm_config())
+        self.variant = variant
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
+        self.logits_soft_cap = float(logits_soft_cap or 0.0)
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
@@ -248,6 +256,21 @@ class DetAttentionImpl(AttentionImpl[DetAttentionMetadata]):
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        if self.variant == "fa3":
+            fa3.fa3_paged_attention(
+                query[:n],
+                key_cache,
+                value_cache,
+                output[:n],
+                cu_seqlens_q=attn_metadata.query_start_loc,
+                seq_lens=attn_metadata.seq_lens,
+                block_table=attn_metadata.block_table,
+                scale=self.scale,
+                max_seqlen_q=attn_metadata.max_query_len,
+                max_seqlen_k=attn_metadata.max_seq_len,
+                softcap=self.logits_soft_cap,
+            )
+            return output
         paged_attention(
             query[:n],
             key_cache,

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kernels.attention import SUPPORTED_HEAD_SIZES
+from . import variants
 from .patches import CHECKED_VLLM_VERSIONS
+from .variants import SUPPORTED_KV_CACHE_DTYPES
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 # Decoder-only architectures whose every batch-variant op we replace (GEMM, RMSNorm,
 # attention, and for the MoE ones softmax top-k routing + SiLU experts: patches/moe.py, which
 # also checks each MoE layer at load); their other ops (rotary, SiLU-and-mul, embedding
@@ -106,6 +106,7 @@ def config_problems(vllm_config: VllmConfig) -> list[str]:
     cache_dtype = vllm_config.cache_config.cache_dtype
     if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
         reasons.append(f"kv_cache_dtype={cache_dtype} (supported: {SUPPORTED_KV_CACHE_DTYPES})")
+    reasons += variants.platform_problems(variants.read_variant())
     return reasons
 
 
@@ -126,32 +127,4 @@ def _moe_problems(vllm_config: VllmConfig) -> list[str]:
             "enable_return_routed_experts (our MoE layer routes inside its kernel, so vLLM's "
             "router, which records the experts, never runs)"
         )
-    return reasons
-
-
-def layer_problems(
-    head_size: int,
-    alibi_slopes,
-    sliding_window: int | None,
-    logits_soft_cap: float | None,
-    attn_type: str,
-    sinks,
-    kv_cache_dtype: str,
-) -> list[str]:
-    """Attention-layer features our kernel does not implement."""
-    reasons = []
-    if head_size not in SUPPORTED_HEAD_SIZES:
-        reasons.append(f"head_size={head_size} (supported: {SUPPORTED_HEAD_SIZES})")
-    if alibi_slopes is not None:
-        reasons.append("ALiBi")
-    if sliding_window is not None:
-        reasons.append(f"sliding window ({sliding_window})")
-    if logits_soft_cap:
-        reasons.append(f"attention logit softcap ({logits_soft_cap})")
-    if attn_type != "decoder":
-        reasons.append(f"attention type {attn_type!r} (only 'decoder')")
-    if sinks is not None:
-        reasons.append("attention sinks")
-    if kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
-        reasons.append(f"kv_cache_dtype={kv_cache_dtype}")
     return reasons

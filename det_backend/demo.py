@@ -33,7 +33,8 @@ CONFIGS = {
 BACKENDS = {
     "default": {"attention_backend": None, "env": {}},
     "vllm_batch_invariant": {"attention_backend": None, "env": {"VLLM_BATCH_INVARIANT": "1"}},
-    "det": {"attention_backend": "CUSTOM", "env": {}},
+    "det": {"attention_backend": "CUSTOM", "env": {"DET_BACKEND_ATTENTION": "triton"}},
+    "det_fa3": {"attention_backend": "CUSTOM", "env": {"DET_BACKEND_ATTENTION": "fa3"}},
 }
 WEIGHT_STD = 0.02
 WEIGHT_SEED = 1234
@@ -351,12 +352,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--num-alone", type=int, default=None, help="prompts also run alone (default: all)"
     )
+    parser.add_argument(
+        "--backends",
+        default="default,det",
+        help=f"comma-separated engines to compare, from {sorted(BACKENDS)} (det_fa3: "
+        "DET_BACKEND_ATTENTION=fa3)",
+    )
     parser.add_argument("--json", help="write the result here as JSON")
     parser.add_argument("--verbose", action="store_true", help="show vLLM's INFO logs")
     # Internal: one engine in this process.
     for flag in ("--engine-worker", "--model-dir", "--plan", "--out"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    backends = tuple(args.backends.split(","))
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        parser.error(f"unknown backends {sorted(unknown)} (choose from {sorted(BACKENDS)})")
     if args.engine_worker:
         engine_worker(args)
         return 0
@@ -376,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     result = compare(
-        args.config, args.prompts, args.max_tokens, args.num_alone, verbose=args.verbose
+        args.config, args.prompts, args.max_tokens, args.num_alone, backends, verbose=args.verbose
     )
     print_table(result)
     if args.json:

@@ -47,6 +47,8 @@ def _log_fingerprint(vllm_config: VllmConfig) -> None:
     import torch
     from vllm.logger import init_logger
 
+    from .variants import read_variant
+
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    info = fingerprint(vllm_config.model_config.dtype, gpu)
+    info = fingerprint(vllm_config.model_config.dtype, gpu, read_variant())
     init_logger(__name__).info("det_backend: deterministic mode on: %s", info)

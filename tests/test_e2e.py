@@ -28,6 +28,16 @@ def test_llama8b_alone_equals_batch_and_default_differs():
     assert default["identical_alone_vs_batch"] < default["prompts_alone"]
 
 
+def test_llama8b_fa3_variant_alone_equals_batch():
+    """The fa3 attention variant (DET_BACKEND_ATTENTION=fa3) end to end: 64 prompts of
+    64-512 tokens, chunked prefill and decode mixed by the scheduler, alone vs batched."""
+    result = compare("llama-3-8b", num_prompts=64, max_tokens=128, backends=("det_fa3",))
+    _keep("e2e_llama8b_fa3", result, "-k fa3")
+    det = {r["backend"]: r for r in result["runs"]}["det_fa3"]
+    assert det["identical_alone_vs_batch"] == det["prompts_alone"] == 64
+    assert det["identical_batch_repeat"] == det["prompts_batch"]
+
+
 def _keep(name: str, result: dict, command: str) -> None:
     if os.environ.get("DET_RESULTS_DIR"):
         result["command"] = (

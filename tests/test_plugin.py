@@ -11,13 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fake_config import fake_config
 
-from det_backend.config import (
-    DeterminismError,
-    check_vllm_version,
-    config_problems,
-    layer_problems,
-)
+from det_backend.config import DeterminismError, check_vllm_version, config_problems
+from det_backend.variants import layer_problems
 
 
 def _run_isolated(code: str) -> str:
@@ -98,41 +95,6 @@ def test_version_guard_names_the_version():
         check_vllm_version("0.25.1")
 
 
-def _fake_config(**overrides):
-    model = dict(
-        dtype=torch.bfloat16,
-        quantization=None,
-        is_quantized=False,
-        architectures=["LlamaForCausalLM"],
-        use_mla=False,
-        is_moe=False,
-        is_encoder_decoder=False,
-        is_hybrid=False,
-        is_attention_free=False,
-        enable_return_routed_experts=False,
-    )
-    model.update(overrides.pop("model", {}))
-    parallel = dict(
-        tensor_parallel_size=1,
-        pipeline_parallel_size=1,
-        data_parallel_size=1,
-        decode_context_parallel_size=1,
-        prefill_context_parallel_size=1,
-        enable_expert_parallel=False,
-        enable_eplb=False,
-    )
-    parallel.update(overrides.pop("parallel", {}))
-    cfg = dict(
-        model_config=SimpleNamespace(**model),
-        parallel_config=SimpleNamespace(**parallel),
-        cache_config=SimpleNamespace(cache_dtype=overrides.pop("cache_dtype", "auto")),
-        kernel_config=SimpleNamespace(moe_backend=overrides.pop("moe_backend", "auto")),
-        speculative_config=overrides.pop("speculative_config", None),
-        lora_config=overrides.pop("lora_config", None),
-    )
-    return SimpleNamespace(**cfg)
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -156,7 +118,7 @@ def _fake_config(**overrides):
 )
 def test_config_refusals_name_the_cause(overrides, message, monkeypatch):
     monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
-    reasons = config_problems(_fake_config(**overrides))
+    reasons = config_problems(fake_config(**overrides))
     assert any(message in r for r in reasons), reasons
     with pytest.raises(DeterminismError, match=message.split("=")[0]):
         raise DeterminismError(reasons)
@@ -164,13 +126,14 @@ def test_config_refusals_name_the_cause(overrides, message, monkeypatch):
 
 def test_config_refuses_vllm_batch_invariant_env(monkeypatch):
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
-    assert any("VLLM_BATCH_INVARIANT" in r for r in config_problems(_fake_config()))
+    assert any("VLLM_BATCH_INVARIANT" in r for r in config_problems(fake_config()))
 
 
 def test_supported_config_has_only_the_platform_problem(monkeypatch):
     # On this CPU-only machine the one problem left is the missing CUDA GPU.
     monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
-    reasons = config_problems(_fake_config())
+    monkeypatch.delenv("DET_BACKEND_ATTENTION", raising=False)
+    reasons = config_problems(fake_config())
     assert len(reasons) == (0 if torch.cuda.is_available() else 1), reasons
 
 
@@ -196,14 +159,15 @@ def test_layer_refusals_name_the_cause(kwargs, message):
         sinks=None,
         kv_cache_dtype="auto",
     )
-    assert layer_problems(**args) == []
+    assert layer_problems("triton", **args) == []
     args.update(kwargs)
-    assert any(message in r for r in layer_problems(**args))
+    assert any(message in r for r in layer_problems("triton", **args))
 
 
-def test_impl_refuses_unsupported_layer_before_patching():
+def test_impl_refuses_unsupported_layer_before_patching(monkeypatch):
     from det_backend.backend import DetAttentionImpl
 
+    monkeypatch.delenv("DET_BACKEND_ATTENTION", raising=False)
     with pytest.raises(DeterminismError, match="head_size=96"):
         DetAttentionImpl(num_heads=8, head_size=96, scale=0.1, num_kv_heads=8)
 
@@ -249,9 +213,10 @@ def test_builder_bounds_segments_by_max_seq_len_except_for_full_graphs():
     assert bound(8, 1, 1000, capture=True) == 64
 
 
-def test_backend_validate_configuration_rejects_what_vllm_checks():
+def test_backend_validate_configuration_rejects_what_vllm_checks(monkeypatch):
     from det_backend.backend import DetAttentionBackend
 
+    monkeypatch.delenv("DET_BACKEND_ATTENTION", raising=False)
     common = dict(
         kv_cache_dtype="auto",
         block_size=16,

@@ -1,0 +1,157 @@
+"""Choosing the attention variant (DET_BACKEND_ATTENTION) and what each one refuses at
+start-up; the pinned FA3 launch arguments. CPU only: FA3 itself runs in test_attention_fa3.py.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fake_config import fake_config
+
+from det_backend import fa3, variants
+from det_backend.config import DeterminismError, config_problems
+
+SUPPORTED_LAYER = dict(
+    head_size=128,
+    alibi_slopes=None,
+    sliding_window=None,
+    logits_soft_cap=None,
+    attn_type="decoder",
+    sinks=None,
+    kv_cache_dtype="auto",
+)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, "triton"), ("", "triton"), ("fa3", "fa3"), (" FA3 ", "fa3"), ("Triton", "triton")],
+)
+def test_variant_read_from_environment(value, expected, monkeypatch):
+    if value is None:
+        monkeypatch.delenv(variants.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(variants.ENV_VAR, value)
+    assert variants.read_variant() == expected
+
+
+@pytest.mark.parametrize(
+    "variant, message",
+    [("fa4", "'fa4' is not an attention variant"), ("flashinfer", "not implemented yet")],
+)
+def test_unknown_or_unbuilt_variant_is_refused_everywhere(variant, message):
+    assert any(message in r for r in variants.layer_problems(variant, **SUPPORTED_LAYER))
+    assert any(message in r for r in variants.platform_problems(variant))
+
+
+@pytest.mark.parametrize("variant", ["triton", "fa3"])
+def test_supported_layer_has_no_problem(variant):
+    assert variants.layer_problems(variant, **SUPPORTED_LAYER) == []
+
+
+@pytest.mark.parametrize(
+    "variant, kwargs, message",
+    [
+        ("triton", {"head_size": 96}, "head_size=96"),
+        ("triton", {"logits_soft_cap": 30.0}, "softcap"),
+        ("fa3", {"head_size": 192}, "head_size=192"),
+        ("fa3", {"sliding_window": 4096}, "sliding window (4096): vLLM's FA3 starts"),
+        ("fa3", {"alibi_slopes": [0.5]}, "ALiBi: FA3 has no ALiBi"),
+        ("fa3", {"sinks": torch.ones(8)}, "attention sinks"),
+        ("fa3", {"attn_type": "encoder_only"}, "attention type"),
+        ("fa3", {"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8"),
+    ],
+)
+def test_refusal_names_variant_and_feature(variant, kwargs, message):
+    reasons = variants.layer_problems(variant, **{**SUPPORTED_LAYER, **kwargs})
+    assert any(r.startswith(f"attention variant {variant}: ") and message in r for r in reasons)
+
+
+@pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
+def test_fa3_takes_what_triton_does_not(head_size):
+    layer = {**SUPPORTED_LAYER, "head_size": head_size, "logits_soft_cap": 50.0}
+    assert variants.layer_problems("fa3", **layer) == []
+
+
+def test_fa3_needs_a_hopper_gpu(monkeypatch):
+    reasons = variants.platform_problems("fa3")
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
+        assert reasons == []
+    else:
+        assert reasons and all(r.startswith("attention variant fa3: ") for r in reasons)
+    monkeypatch.setenv(variants.ENV_VAR, "fa3")
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    assert set(reasons) <= set(config_problems(fake_config()))
+
+
+def test_impl_refuses_variant_feature_at_construction(monkeypatch):
+    from det_backend.backend import DetAttentionImpl
+
+    monkeypatch.setenv(variants.ENV_VAR, "fa3")
+    with pytest.raises(DeterminismError, match=r"attention variant fa3: sliding window \(512\)"):
+        DetAttentionImpl(num_heads=8, head_size=128, scale=0.1, num_kv_heads=2, sliding_window=512)
+    monkeypatch.setenv(variants.ENV_VAR, "flashinfer")
+    with pytest.raises(DeterminismError, match="flashinfer.*not implemented"):
+        DetAttentionImpl(num_heads=8, head_size=128, scale=0.1, num_kv_heads=2)
+
+
+def test_backend_sizes_follow_the_variant(monkeypatch):
+    """With fa3, vLLM splits a large cache block into kernel blocks FA3 never reads via TMA."""
+    from vllm.v1.worker.utils import select_common_block_size
+
+    from det_backend.backend import DetAttentionBackend
+
+    monkeypatch.setenv(variants.ENV_VAR, "fa3")
+    assert DetAttentionBackend.get_supported_kernel_block_sizes() == [16, 32, 64]
+    assert select_common_block_size(16, [DetAttentionBackend]) == 16
+    assert select_common_block_size(128, [DetAttentionBackend]) == 64
+    assert DetAttentionBackend.supports_block_size(256)
+    assert 80 in DetAttentionBackend.get_supported_head_sizes()
+    monkeypatch.setenv(variants.ENV_VAR, "triton")
+    assert select_common_block_size(128, [DetAttentionBackend]) == 128
+    assert 80 not in DetAttentionBackend.get_supported_head_sizes()
+
+
+@pytest.mark.parametrize("g", [1, 2, 4, 5, 8, 16, 64])
+def test_pinned_max_seqlen_q_picks_the_prefill_kernel(g):
+    # heuristics.h use_one_mma_wg: max_seqlen_q * G <= 64; flash_api.cpp drops causal at 1.
+    for max_query_len in (1, 2, 16, 64, 65, 4096):
+        pinned = fa3.pinned_max_seqlen_q(max_query_len, 8 * g, 8)
+        assert pinned >= max_query_len and pinned > 1
+        assert pinned * g > fa3.ONE_MMA_WG_MAX_ROWS
+        if max_query_len * g > fa3.ONE_MMA_WG_MAX_ROWS:
+            assert pinned == max_query_len
+
+
+def test_fa3_block_sizes_stay_below_every_kblockn():
+    # tile_size.h tile_size_fwd_sm90, 16-bit, causal, not local: kBlockN 128 (hdim 64, 128),
+    # 128/144 (96), 80 (256). A page size that is a multiple of kBlockN enables TMA paged KV.
+    assert max(fa3.BLOCK_SIZES) == fa3.MAX_BLOCK_SIZE < 80
+
+
+def _inputs(block_size=16, head_size=128, dtype=torch.bfloat16, q_heads=8):
+    q = torch.zeros(3, q_heads, head_size, dtype=dtype)
+    cache = torch.zeros(4, block_size, 2, head_size, dtype=dtype)
+    meta = SimpleNamespace(
+        cu=torch.tensor([0, 3], dtype=torch.int32),
+        seq_lens=torch.tensor([3], dtype=torch.int32),
+        table=torch.zeros(1, 4, dtype=torch.int32),
+    )
+    return q, cache, meta
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"block_size": 128}, "block_size=128 > 64"),
+        ({"head_size": 192}, "head_size=192"),
+        ({"q_heads": 7}, "not a multiple"),
+    ],
+)
+def test_fa3_launcher_rejects_before_calling_fa3(overrides, message):
+    q, cache, m = _inputs(**overrides)
+    with pytest.raises(ValueError, match=message):
+        fa3.fa3_paged_attention(q, cache, cache, q.clone(), m.cu, m.seq_lens, m.table, 0.1, 3, 3)
+    with pytest.raises(ValueError, match="share one dtype"):
+        q, cache, m = _inputs()
+        out = q.float()
+        fa3.fa3_paged_attention(q, cache, cache, out, m.cu, m.seq_lens, m.table, 0.1, 3, 3)
