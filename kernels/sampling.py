@@ -46,7 +46,7 @@ import triton.language as tl
 # Fixed point of a top-p weight: exp(x - max) in units of 2^-38, so Z <= V * 2^38 < 2^63.
 _WEIGHT_ONE = tl.constexpr(float(1 << 38))
 _LOG2E = tl.constexpr(1.4426950408889634)
-# A tile's weights and count summed in one int64: count in bits 50..61, weight below 2^49.
+# A thread's weights and count summed in one int64: count from bit 50, weight below it.
 _COUNT_SHIFT = tl.constexpr(50)
 _COUNT_ONE = tl.constexpr(1 << 50)
 _WEIGHT_MASK = tl.constexpr((1 << 50) - 1)
@@ -55,16 +55,18 @@ _INT32_MIN = tl.constexpr(-(2**31))
 _INT32_MAX = tl.constexpr(2**31 - 1)
 _NO_KEY = tl.constexpr(1 << 40)  # a key above every int32 key: "no list" / "list has no top"
 
-MAX_VOCAB = 1 << 19
-# Rows read in tiles of TILE_ROW, lists in tiles of TILE_LIST (at most 2048 tokens: the packed
-# count field); cut points per round over the row and over the list.
+# Launch parameters: none changes a result. Rows are read in tiles of TILE_ROW tokens, lists in
+# tiles of TILE_LIST; a round evaluates CUTS_ROW cut points on the row, CUTS_LIST on a list;
+# the list holds up to LIST_CAP tokens per row. Each of the 32 * NUM_WARPS threads sums at most
+# 2048 tokens in one packed int64, which bounds the vocabulary.
 TILE_ROW = 2048
 TILE_LIST = 1024
 CUTS_ROW = 16
 CUTS_LIST = 16
-# Largest per-row list; a function of nothing but this constant and V.
 LIST_CAP = 16384
-_NUM_WARPS = 8
+NUM_WARPS = 8
+# Tiles in flight per loop (Triton pipelines the loads through shared memory).
+_STAGES = tl.constexpr(3)
 
 
 @triton.jit
@@ -96,7 +98,7 @@ def _row_range(row_ptr, V, TILE: tl.constexpr):
     hi = tl.full([TILE], -float("inf"), tl.float32)
     lo = tl.full([TILE], float("inf"), tl.float32)
     lo_fin = tl.full([TILE], float("inf"), tl.float32)
-    for start in range(0, V, TILE):
+    for start in tl.range(0, V, TILE, num_stages=_STAGES):
         valid = start + offs < V
         x = tl.load(row_ptr + start + offs, mask=valid, other=0.0).to(tl.float32)
         hi = tl.maximum(hi, tl.where(valid, x, -float("inf")))
@@ -128,30 +130,41 @@ def _cuts(lo, hi, floor_value, with_lo, M: tl.constexpr):
 
 @triton.jit
 def _stats(src, n, cuts, row_max, BY_WEIGHT: tl.constexpr, SNAP: tl.constexpr,
-           TILE: tl.constexpr, M: tl.constexpr):  # fmt: skip
+           TILE: tl.constexpr, THREADS: tl.constexpr, M: tl.constexpr):  # fmt: skip
     """Over src[:n], per cut c: the count and (BY_WEIGHT) the weight of tokens with key >= c;
-    (SNAP) the smallest key >= c and the largest key < c. Integer sums: exact in any order."""
-    offs = tl.arange(0, TILE)
-    count = tl.zeros([M], tl.int64)
-    weight = tl.zeros([M], tl.int64)
-    up = tl.full([M], _INT32_MAX, tl.int32)
-    down = tl.full([M], _INT32_MIN, tl.int32)
-    for start in range(0, n, TILE):
+    (SNAP) the smallest key >= c and the largest key < c. Integer sums: exact in any order.
+
+    A tile is [TILE // THREADS, THREADS] (column t: every THREADS-th token from t) against the
+    cuts on a leading axis, [M, TILE // THREADS, THREADS]; summing axis 1 leaves per-column
+    partials, [M, THREADS], so a thread adds up its own tokens against every cut and nothing
+    crosses threads until the end. A column packs its count and weight in one int64 (weight
+    below 2^50 while it sums at most 2048 tokens of weight <= 2^38)."""
+    offs = tl.arange(0, TILE // THREADS)[:, None] * THREADS + tl.arange(0, THREADS)[None, :]
+    cut = cuts[:, None, None]
+    acc = tl.zeros([M, THREADS], tl.int64 if BY_WEIGHT else tl.int32)
+    up = tl.full([M, THREADS], _INT32_MAX, tl.int32)
+    down = tl.full([M, THREADS], _INT32_MIN, tl.int32)
+    for start in tl.range(0, n, TILE, num_stages=_STAGES):
         valid = start + offs < n
         x = tl.load(src + start + offs, mask=valid, other=0.0).to(tl.float32)
         key = _key(x)
-        ge = (key[:, None] >= cuts[None, :]) & valid[:, None]  # [TILE, M]
+        ge = (key[None, :, :] >= cut) & valid[None, :, :]
         if BY_WEIGHT:
-            packed = tl.sum(tl.where(ge, (_weight(x, row_max) + _COUNT_ONE)[:, None], 0), axis=0)
-            count += packed >> _COUNT_SHIFT
-            weight += packed & _WEIGHT_MASK
+            packed = (_weight(x, row_max) + _COUNT_ONE)[None, :, :]
+            acc += tl.sum(tl.where(ge, packed, 0), axis=1)
         else:
-            count += tl.sum(ge.to(tl.int32), axis=0)
+            acc += tl.sum(ge.to(tl.int32), axis=1)
         if SNAP:
-            up = tl.minimum(up, tl.min(tl.where(ge, key[:, None], _INT32_MAX), axis=0))
-            below = valid[:, None] & ~ge
-            down = tl.maximum(down, tl.max(tl.where(below, key[:, None], _INT32_MIN), axis=0))
-    return count, weight, up, down
+            up = tl.minimum(up, tl.min(tl.where(ge, key[None, :, :], _INT32_MAX), axis=1))
+            below = valid[None, :, :] & ~ge
+            down = tl.maximum(down, tl.max(tl.where(below, key[None, :, :], _INT32_MIN), axis=1))
+    if BY_WEIGHT:
+        count = tl.sum(acc >> _COUNT_SHIFT, axis=1)
+        weight = tl.sum(acc & _WEIGHT_MASK, axis=1)
+    else:
+        count = tl.sum(acc.to(tl.int64), axis=1)
+        weight = tl.zeros([M], tl.int64)
+    return count, weight, tl.min(up, axis=1), tl.max(down, axis=1)
 
 
 @triton.jit
@@ -161,7 +174,7 @@ def _compact(src, n, lo, hi, dst, TILE: tl.constexpr):
     offs = tl.arange(0, TILE)
     n_out = tl.zeros((), tl.int32)
     tl.debug_barrier()  # every thread is done reading dst's previous contents
-    for start in range(0, n, TILE):
+    for start in tl.range(0, n, TILE, num_stages=_STAGES):
         valid = start + offs < n
         x = tl.load(src + start + offs, mask=valid, other=0.0).to(tl.float32)
         key = _key(x).to(tl.int64)
@@ -206,7 +219,7 @@ def _top_p_target(target, weight, q, first):
 def _select(row_ptr, V, list_ptr, cap, row_max, floor_value, q, target, lo, hi, count_lo,
             list_lo, list_hi, list_n, base_count, base_weight, BY_WEIGHT: tl.constexpr,
             TILE_ROW: tl.constexpr, TILE_LIST: tl.constexpr, CUTS_ROW: tl.constexpr,
-            CUTS_LIST: tl.constexpr):  # fmt: skip
+            CUTS_LIST: tl.constexpr, THREADS: tl.constexpr):  # fmt: skip
     """The largest key whose weight at or above it reaches target (W(lo) >= target > W(hi) on
     entry; BY_WEIGHT: target is set in the first round). The list holds the row's tokens with
     keys in [list_lo, list_hi); base_* are the count and weight at or above list_hi."""
@@ -217,7 +230,7 @@ def _select(row_ptr, V, list_ptr, cap, row_max, floor_value, q, target, lo, hi, 
         if (list_lo <= lo) & (hi <= list_hi):
             cuts = _cuts(lo, hi, floor_value, first, CUTS_LIST)
             count, weight, up, down = _stats(
-                list_ptr, list_n, cuts, row_max, BY_WEIGHT, True, TILE_LIST, CUTS_LIST
+                list_ptr, list_n, cuts, row_max, BY_WEIGHT, True, TILE_LIST, THREADS, CUTS_LIST
             )
             count += base_count
             weight += base_weight
@@ -230,7 +243,7 @@ def _select(row_ptr, V, list_ptr, cap, row_max, floor_value, q, target, lo, hi, 
         else:
             cuts = _cuts(lo, hi, floor_value, first, CUTS_ROW)
             count, weight, up, down = _stats(
-                row_ptr, V, cuts, row_max, BY_WEIGHT, False, TILE_ROW, CUTS_ROW
+                row_ptr, V, cuts, row_max, BY_WEIGHT, False, TILE_ROW, THREADS, CUTS_ROW
             )
             if BY_WEIGHT:
                 target = _top_p_target(target, weight, q, first)
@@ -267,6 +280,7 @@ def _top_k_top_p_select_kernel(
     TILE_LIST: tl.constexpr,
     CUTS_ROW: tl.constexpr,
     CUTS_LIST: tl.constexpr,
+    THREADS: tl.constexpr,  # num_warps * 32
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * stride_x
@@ -288,7 +302,7 @@ def _top_k_top_p_select_kernel(
             thr, count_thr, list_lo, list_hi, list_n, base_count, base_weight = _select(
                 row_ptr, V, list_ptr, cap, row_max, floor_value, no_q, k, bottom, top,
                 count_thr, list_lo, list_hi, list_n, base_count, base_weight, False,
-                TILE_ROW, TILE_LIST, CUTS_ROW, CUTS_LIST,
+                TILE_ROW, TILE_LIST, CUTS_ROW, CUTS_LIST, THREADS,
             )  # fmt: skip
     if HAS_P:
         p = tl.load(p_ptr + row).to(tl.float32)
@@ -299,7 +313,7 @@ def _top_k_top_p_select_kernel(
                 row_ptr, V, list_ptr, cap, row_max, floor_value, 1.0 - p,
                 tl.zeros((), tl.int64), tl.maximum(thr, bottom), top, count_thr, list_lo,
                 list_hi, list_n, base_count, base_weight, True,
-                TILE_ROW, TILE_LIST, CUTS_ROW, CUTS_LIST,
+                TILE_ROW, TILE_LIST, CUTS_ROW, CUTS_LIST, THREADS,
             )  # fmt: skip
     tl.store(thr_ptr + row, _value(thr))
 
@@ -324,8 +338,13 @@ def top_k_top_p_threshold(
             f"{tuple(logits.shape)} strides {logits.stride()}"
         )
     rows, vocab = logits.shape
-    if vocab > MAX_VOCAB:
-        raise ValueError(f"det_backend: vocab {vocab} > {MAX_VOCAB}: top-p weights could overflow")
+    threads = 32 * NUM_WARPS
+    if TILE_ROW % threads or TILE_LIST % threads:
+        raise ValueError(f"det_backend: TILE_ROW and TILE_LIST must be multiples of {threads}")
+    if vocab > 2048 * threads:
+        raise ValueError(
+            f"det_backend: vocab {vocab} > {2048 * threads}: top-p weight sums could overflow"
+        )
     _check_row_params("k", k, rows, logits.device)
     _check_row_params("p", p, rows, logits.device)
     thr = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -348,7 +367,8 @@ def top_k_top_p_threshold(
         TILE_LIST=TILE_LIST,
         CUTS_ROW=CUTS_ROW,
         CUTS_LIST=CUTS_LIST,
-        num_warps=_NUM_WARPS,
+        THREADS=threads,
+        num_warps=NUM_WARPS,
     )
     return thr
 
@@ -404,7 +424,7 @@ def _topk_indices_kernel(
     thr = tl.load(thr_ptr + row)
     offs = tl.arange(0, TILE)
     above = tl.zeros((), tl.int32)
-    for start in range(0, V, TILE):
+    for start in tl.range(0, V, TILE, num_stages=_STAGES):
         valid = start + offs < V
         x = tl.load(row_ptr + start + offs, mask=valid, other=0.0).to(tl.float32)
         above += tl.sum((valid & (x > thr)).to(tl.int32), axis=0)
@@ -412,7 +432,7 @@ def _topk_indices_kernel(
     ties_left = k - above
     n_out = tl.zeros((), tl.int32)
     ties_seen = tl.zeros((), tl.int32)
-    for start in range(0, V, TILE):
+    for start in tl.range(0, V, TILE, num_stages=_STAGES):
         valid = start + offs < V
         x = tl.load(row_ptr + start + offs, mask=valid, other=0.0).to(tl.float32)
         tie = (valid & (x == thr)).to(tl.int32)
@@ -444,7 +464,7 @@ def topk_lowest_index_first(x: torch.Tensor, k: int) -> torch.return_types.topk:
         thr = top_k_top_p_threshold(x, torch.full((rows,), k, device=x.device), None)
         _topk_indices_kernel[(rows,)](
             x, thr, indices, vocab, k, x.stride(0), indices.stride(0), TILE=TILE_ROW,
-            num_warps=_NUM_WARPS,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     # The k in column order, sorted by value: a stable sort keeps tied values lowest index first.
     values, order = x.gather(-1, indices).sort(dim=-1, descending=True, stable=True)
