@@ -601,6 +601,57 @@ def test_top_k_top_p_batch_invariant_at_full_vocab_gpu(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", ("randn", "peaked"))
+def test_top_k_top_p_matches_float64_at_full_vocab_gpu(shape):
+    rows, vocab = 48, 152064
+    x = bf16_logits(rows, vocab, seed=52, device="cuda")
+    if shape == "peaked":
+        x = (4 * x).to(torch.bfloat16).float()  # a few tokens hold the mass
+    k, p = random_top_k_top_p(rows, vocab, seed=53, device="cuda")
+    k[3::6] = 20000  # brackets larger than the list
+    p[4::6] = 0.999
+    for kk, pp in ((k, None), (None, p), (k, p)):
+        out = apply_top_k_top_p(x.clone(), kk, pp)
+        if pp is None:
+            assert torch.equal(out, apply_top_k_top_p_reference(x, kk, pp))
+        assert kept_groups_off_by_more_than_rounding(x, kk, pp, out) == []
+
+
+@pytest.mark.gpu
+def test_top_k_top_p_result_does_not_depend_on_the_path_gpu(monkeypatch):
+    """Each launch parameter compiles another kernel: its exp2 weights, and so every
+    threshold, must come out the same bitwise."""
+    rows, vocab = 64, 152064
+    x = bf16_logits(rows, vocab, seed=54, device="cuda").to(torch.bfloat16)
+    k, p = random_top_k_top_p(rows, vocab, seed=55, device="cuda")
+    k[1::8] = 30000
+    p[2::8] = 0.999
+    modes = ((k, None), (None, p), (k, p))
+    want = [top_k_top_p_threshold(x, kk, pp) for kk, pp in modes]
+    for cap, cuts, tile in ((1, 4, 256), (1024, 8, 1024), (vocab, 32, 4096)):
+        monkeypatch.setattr(ks, "LIST_CAP", cap)
+        monkeypatch.setattr(ks, "CUTS_ROW", cuts)
+        monkeypatch.setattr(ks, "CUTS_LIST", cuts)
+        monkeypatch.setattr(ks, "TILE_ROW", tile)
+        got = [top_k_top_p_threshold(x, kk, pp) for kk, pp in modes]
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (cap, cuts, tile)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_topk_lowest_index_first_at_full_vocab_gpu(dtype):
+    """The same as the packed-key version it replaced, alone and in any batch."""
+    rows, vocab = 256, 152064
+    x = bf16_logits(rows, vocab, seed=56, device="cuda").log_softmax(-1).to(dtype)
+    for n in (2, 20, 500):
+        got = topk_lowest_index_first(x, n)
+        want = sorted_topk(x, n)
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+    fn = lambda t: topk_lowest_index_first(t, 20).indices  # noqa: E731
+    assert prefixes_that_change(fn, x, (1, 2, 7, 8, 9, 64, 255)) == []
+
+
+@pytest.mark.gpu
 def test_vllm_top_k_top_p_depends_on_batch_size_on_gpu():
     """vLLM 0.26 on CUDA: fewer than 8 rows take the sort path (keeps every logit tied with the
     k-th), 8 or more the Triton pivot search (keeps exactly k). Ours: one set at every size."""
