@@ -11,6 +11,11 @@ gets a fresh copy of the logits (all mask in place); the copy's time is reported
 
     python benchmarks/sampling.py --out sampling.json
     python benchmarks/sampling.py --plot sampling.json
+    python benchmarks/sampling.py --sweep --out sampling_sweep.json   # launch parameters
+
+--sweep times det_backend's top-k/top-p alone under each set of launch parameters in SWEEP
+(kernels/sampling.py: none changes a result, which the sweep checks bitwise) and reports the
+fastest per case and row count.
 
 Speed-up = vLLM time / ours; GB/s counts the logits read once.
 """
@@ -18,6 +23,7 @@ Speed-up = vLLM time / ours; GB/s counts the logits read once.
 from __future__ import annotations
 
 import functools
+import itertools
 
 from harness import (
     bench,
@@ -25,6 +31,7 @@ from harness import (
     geomean,
     main,
     pyplot,
+    run_info,
     speedup_line,
     speedup_summary,
     time_pair,
@@ -44,9 +51,71 @@ CASES = (
 )
 
 
+# Launch parameters swept: (NUM_WARPS, tokens per thread in a row tile, CUTS_ROW, STAGES).
+SWEEP = list(itertools.product((4, 8), (4, 8), (8, 16), (2, 3)))
+SWEEP_ROWS = (1, 8, 64, 256)
+SWEEP_CASES = ("top_k=50", "top_p=0.9", "top_k=50,top_p=0.9", "top_k=2000")
+
+
 def _on_a_copy(mask, logits, k, p):
     """mask(logits, k, p) works in place: each timed call masks a fresh copy."""
     return lambda: mask(logits.clone(), k, p)
+
+
+def _case_inputs(case: str, rows: int):
+    """(k, p) tensors for a top-k/top-p case, None where the case has no such parameter."""
+    import torch
+
+    params = dict(kv.split("=") for kv in case.split(",") if "=" in kv)
+    k = p = None
+    if "top_k" in params:
+        k = torch.full((rows,), int(params["top_k"]), dtype=torch.int32, device="cuda")
+    if "top_p" in params:
+        p = torch.full((rows,), float(params["top_p"]), device="cuda")
+    return k, p
+
+
+def sweep() -> dict:
+    import torch
+    from det_backend.kernels import sampling as ks
+
+    defaults = {n: getattr(ks, n) for n in ("NUM_WARPS", "TILE_ROW", "TILE_LIST", "TILE_SCAN")}
+    defaults.update(CUTS_ROW=ks.CUTS_ROW, STAGES=ks.STAGES)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    points = []
+    for rows in SWEEP_ROWS:
+        logits = (3 * torch.randn(rows, VOCAB, generator=gen, device="cuda")).to(torch.bfloat16)
+        logits = logits.float()
+        for case in SWEEP_CASES:
+            k, p = _case_inputs(case, rows)
+            want = None
+            for warps, per_thread, cuts, stages in SWEEP:
+                threads = 32 * warps
+                ks.NUM_WARPS, ks.CUTS_ROW, ks.STAGES = warps, cuts, stages
+                ks.TILE_ROW, ks.TILE_LIST, ks.TILE_SCAN = (
+                    per_thread * threads,
+                    4 * threads,
+                    16 * threads,
+                )
+                thr = ks.top_k_top_p_threshold(logits, k, p)
+                if want is None:
+                    want = thr
+                if not torch.equal(thr, want):
+                    raise RuntimeError(f"{case} rows={rows}: thresholds differ at {ks.TILE_ROW=}")
+                ms = bench(_on_a_copy(ks.apply_top_k_top_p, logits, k, p))
+                points.append(
+                    dict(case=case, rows=rows, num_warps=warps, tile_row=ks.TILE_ROW,
+                         cuts_row=cuts, stages=stages, ms=ms)
+                )  # fmt: skip
+                print(f"{case:>20} rows={rows:<4} {points[-1]}", flush=True)
+    for name, value in defaults.items():
+        setattr(ks, name, value)
+    best = {}
+    for pt in points:
+        key = f"{pt['case']} rows={pt['rows']}"
+        if key not in best or pt["ms"] < best[key]["ms"]:
+            best[key] = pt
+    return {**run_info(), "defaults": defaults, "best": best, "points": points}
 
 
 def run() -> dict:
@@ -72,11 +141,7 @@ def run() -> dict:
                 theirs = functools.partial(torch.topk, x, n, dim=-1)
                 before = functools.partial(sampling_sort.topk_lowest_index_first, x, n)
             else:
-                k = p = None
-                if "top_k" in params:
-                    k = torch.full((rows,), int(params["top_k"]), dtype=torch.int32, device="cuda")
-                if "top_p" in params:
-                    p = torch.full((rows,), float(params["top_p"]), device="cuda")
+                k, p = _case_inputs(case, rows)
                 ours = _on_a_copy(apply_top_k_top_p, x, k, p)
                 theirs = _on_a_copy(vllm_apply_top_k_top_p, x, k, p)
                 before = _on_a_copy(sampling_sort.apply_top_k_top_p, x, k, p)
@@ -118,9 +183,26 @@ def plot(data: dict):
 
 
 def _summary(result: dict) -> str:
+    if "best" in result:
+        return "\n".join(
+            f"{key}: {pt['ms']:.4f} ms with num_warps={pt['num_warps']} tile_row={pt['tile_row']} "
+            f"cuts_row={pt['cuts_row']} stages={pt['stages']}"
+            for key, pt in result["best"].items()
+        )
     vs_sorted = geomean([pt["speedup_vs_sorted"] for pt in result["points"]])
     return f"{speedup_line(result)}; vs the sort-based version {vs_sorted:.3f}"
 
 
+def _add_args(parser) -> None:
+    parser.add_argument("--sweep", action="store_true", help="time launch parameters instead")
+
+
 if __name__ == "__main__":
-    main(__doc__, "sampling.json", lambda a: run(), plot, _summary)
+    main(
+        __doc__,
+        "sampling.json",
+        lambda a: sweep() if a.sweep else run(),
+        plot,
+        _summary,
+        _add_args,
+    )

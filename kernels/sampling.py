@@ -55,18 +55,19 @@ _INT32_MIN = tl.constexpr(-(2**31))
 _INT32_MAX = tl.constexpr(2**31 - 1)
 _NO_KEY = tl.constexpr(1 << 40)  # a key above every int32 key: "no list" / "list has no top"
 
-# Launch parameters: none changes a result. Rows are read in tiles of TILE_ROW tokens, lists in
-# tiles of TILE_LIST; a round evaluates CUTS_ROW cut points on the row, CUTS_LIST on a list;
-# the list holds up to LIST_CAP tokens per row. Each of the 32 * NUM_WARPS threads sums at most
-# 2048 tokens in one packed int64, which bounds the vocabulary.
+# Launch parameters; none changes a result (tests/test_sampling.py checks). A round reads a row
+# in tiles of TILE_ROW tokens against CUTS_ROW cut points, a list in tiles of TILE_LIST against
+# CUTS_LIST; max/min and the copy to the list read tiles of TILE_SCAN; every loop keeps STAGES
+# tiles in flight; the list holds up to LIST_CAP tokens per row. Each of the 32 * NUM_WARPS
+# threads sums at most 2048 tokens in one packed int64, which bounds the vocabulary.
 TILE_ROW = 2048
 TILE_LIST = 1024
+TILE_SCAN = 4096
 CUTS_ROW = 16
 CUTS_LIST = 16
 LIST_CAP = 16384
 NUM_WARPS = 8
-# Tiles in flight per loop (Triton pipelines the loads through shared memory).
-_STAGES = tl.constexpr(3)
+STAGES = 3
 
 
 @triton.jit
@@ -92,13 +93,13 @@ def _weight(x, row_max):
 
 
 @triton.jit
-def _row_range(row_ptr, V, TILE: tl.constexpr):
+def _row_range(row_ptr, V, TILE: tl.constexpr, STAGES: tl.constexpr):
     """max, min and smallest finite value (-FLT_MAX if none) of a row."""
     offs = tl.arange(0, TILE)
     hi = tl.full([TILE], -float("inf"), tl.float32)
     lo = tl.full([TILE], float("inf"), tl.float32)
     lo_fin = tl.full([TILE], float("inf"), tl.float32)
-    for start in tl.range(0, V, TILE, num_stages=_STAGES):
+    for start in tl.range(0, V, TILE, num_stages=STAGES):
         valid = start + offs < V
         x = tl.load(row_ptr + start + offs, mask=valid, other=0.0).to(tl.float32)
         hi = tl.maximum(hi, tl.where(valid, x, -float("inf")))
@@ -130,7 +131,8 @@ def _cuts(lo, hi, floor_value, with_lo, M: tl.constexpr):
 
 @triton.jit
 def _stats(src, n, cuts, row_max, BY_WEIGHT: tl.constexpr, SNAP: tl.constexpr,
-           TILE: tl.constexpr, THREADS: tl.constexpr, M: tl.constexpr):  # fmt: skip
+           TILE: tl.constexpr, THREADS: tl.constexpr, M: tl.constexpr,
+           STAGES: tl.constexpr):  # fmt: skip
     """Over src[:n], per cut c: the count and (BY_WEIGHT) the weight of tokens with key >= c;
     (SNAP) the smallest key >= c and the largest key < c. Integer sums: exact in any order.
 
@@ -144,7 +146,7 @@ def _stats(src, n, cuts, row_max, BY_WEIGHT: tl.constexpr, SNAP: tl.constexpr,
     acc = tl.zeros([M, THREADS], tl.int64 if BY_WEIGHT else tl.int32)
     up = tl.full([M, THREADS], _INT32_MAX, tl.int32)
     down = tl.full([M, THREADS], _INT32_MIN, tl.int32)
-    for start in tl.range(0, n, TILE, num_stages=_STAGES):
+    for start in tl.range(0, n, TILE, num_stages=STAGES):
         valid = start + offs < n
         x = tl.load(src + start + offs, mask=valid, other=0.0).to(tl.float32)
         key = _key(x)
@@ -168,13 +170,13 @@ def _stats(src, n, cuts, row_max, BY_WEIGHT: tl.constexpr, SNAP: tl.constexpr,
 
 
 @triton.jit
-def _compact(src, n, lo, hi, dst, TILE: tl.constexpr):
+def _compact(src, n, lo, hi, dst, TILE: tl.constexpr, STAGES: tl.constexpr):
     """Copies the tokens of src[:n] with lo <= key < hi to dst, in column order; returns how
     many."""
     offs = tl.arange(0, TILE)
     n_out = tl.zeros((), tl.int32)
     tl.debug_barrier()  # every thread is done reading dst's previous contents
-    for start in tl.range(0, n, TILE, num_stages=_STAGES):
+    for start in tl.range(0, n, TILE, num_stages=STAGES):
         valid = start + offs < n
         x = tl.load(src + start + offs, mask=valid, other=0.0).to(tl.float32)
         key = _key(x).to(tl.int64)
@@ -219,7 +221,8 @@ def _top_p_target(target, weight, q, first):
 def _select(row_ptr, V, list_ptr, cap, row_max, floor_value, q, target, lo, hi, count_lo,
             list_lo, list_hi, list_n, base_count, base_weight, BY_WEIGHT: tl.constexpr,
             TILE_ROW: tl.constexpr, TILE_LIST: tl.constexpr, CUTS_ROW: tl.constexpr,
-            CUTS_LIST: tl.constexpr, THREADS: tl.constexpr):  # fmt: skip
+            CUTS_LIST: tl.constexpr, THREADS: tl.constexpr, TILE_SCAN: tl.constexpr,
+            STAGES: tl.constexpr):  # fmt: skip
     """The largest key whose weight at or above it reaches target (W(lo) >= target > W(hi) on
     entry; BY_WEIGHT: target is set in the first round). The list holds the row's tokens with
     keys in [list_lo, list_hi); base_* are the count and weight at or above list_hi."""
@@ -230,7 +233,16 @@ def _select(row_ptr, V, list_ptr, cap, row_max, floor_value, q, target, lo, hi, 
         if (list_lo <= lo) & (hi <= list_hi):
             cuts = _cuts(lo, hi, floor_value, first, CUTS_LIST)
             count, weight, up, down = _stats(
-                list_ptr, list_n, cuts, row_max, BY_WEIGHT, True, TILE_LIST, THREADS, CUTS_LIST
+                list_ptr,
+                list_n,
+                cuts,
+                row_max,
+                BY_WEIGHT,
+                True,
+                TILE_LIST,
+                THREADS,
+                CUTS_LIST,
+                STAGES,
             )
             count += base_count
             weight += base_weight
@@ -243,7 +255,7 @@ def _select(row_ptr, V, list_ptr, cap, row_max, floor_value, q, target, lo, hi, 
         else:
             cuts = _cuts(lo, hi, floor_value, first, CUTS_ROW)
             count, weight, up, down = _stats(
-                row_ptr, V, cuts, row_max, BY_WEIGHT, False, TILE_ROW, THREADS, CUTS_ROW
+                row_ptr, V, cuts, row_max, BY_WEIGHT, False, TILE_ROW, THREADS, CUTS_ROW, STAGES
             )
             if BY_WEIGHT:
                 target = _top_p_target(target, weight, q, first)
@@ -259,7 +271,7 @@ def _select(row_ptr, V, list_ptr, cap, row_max, floor_value, q, target, lo, hi, 
                 list_hi = tl.where(whole_top, _NO_KEY, hi)
                 base_count = tl.where(whole_top, 0, count_hi)
                 base_weight = tl.where(whole_top, 0, weight_hi)
-                list_n = _compact(row_ptr, V, list_lo, list_hi, list_ptr, TILE_ROW)
+                list_n = _compact(row_ptr, V, list_lo, list_hi, list_ptr, TILE_SCAN, STAGES)
         first = tl.full((), False, tl.int1)
     return lo, count_lo, list_lo, list_hi, list_n, base_count, base_weight
 
@@ -281,11 +293,13 @@ def _top_k_top_p_select_kernel(
     CUTS_ROW: tl.constexpr,
     CUTS_LIST: tl.constexpr,
     THREADS: tl.constexpr,  # num_warps * 32
+    TILE_SCAN: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * stride_x
     list_ptr = list_ptr + row * cap
-    row_max, row_min, floor_value = _row_range(row_ptr, V, TILE_ROW)
+    row_max, row_min, floor_value = _row_range(row_ptr, V, TILE_SCAN, STAGES)
     bottom = _key(row_min).to(tl.int64)
     top = _key(row_max).to(tl.int64) + 1
     thr = _key(tl.full((), -float("inf"), tl.float32)).to(tl.int64)  # keep all
@@ -302,7 +316,7 @@ def _top_k_top_p_select_kernel(
             thr, count_thr, list_lo, list_hi, list_n, base_count, base_weight = _select(
                 row_ptr, V, list_ptr, cap, row_max, floor_value, no_q, k, bottom, top,
                 count_thr, list_lo, list_hi, list_n, base_count, base_weight, False,
-                TILE_ROW, TILE_LIST, CUTS_ROW, CUTS_LIST, THREADS,
+                TILE_ROW, TILE_LIST, CUTS_ROW, CUTS_LIST, THREADS, TILE_SCAN, STAGES,
             )  # fmt: skip
     if HAS_P:
         p = tl.load(p_ptr + row).to(tl.float32)
@@ -313,7 +327,7 @@ def _top_k_top_p_select_kernel(
                 row_ptr, V, list_ptr, cap, row_max, floor_value, 1.0 - p,
                 tl.zeros((), tl.int64), tl.maximum(thr, bottom), top, count_thr, list_lo,
                 list_hi, list_n, base_count, base_weight, True,
-                TILE_ROW, TILE_LIST, CUTS_ROW, CUTS_LIST, THREADS,
+                TILE_ROW, TILE_LIST, CUTS_ROW, CUTS_LIST, THREADS, TILE_SCAN, STAGES,
             )  # fmt: skip
     tl.store(thr_ptr + row, _value(thr))
 
@@ -368,6 +382,8 @@ def top_k_top_p_threshold(
         CUTS_ROW=CUTS_ROW,
         CUTS_LIST=CUTS_LIST,
         THREADS=threads,
+        TILE_SCAN=TILE_SCAN,
+        STAGES=STAGES,
         num_warps=NUM_WARPS,
     )
     return thr
@@ -417,6 +433,7 @@ def _topk_indices_kernel(
     stride_x,
     stride_o,
     TILE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * stride_x
@@ -424,7 +441,7 @@ def _topk_indices_kernel(
     thr = tl.load(thr_ptr + row)
     offs = tl.arange(0, TILE)
     above = tl.zeros((), tl.int32)
-    for start in tl.range(0, V, TILE, num_stages=_STAGES):
+    for start in tl.range(0, V, TILE, num_stages=STAGES):
         valid = start + offs < V
         x = tl.load(row_ptr + start + offs, mask=valid, other=0.0).to(tl.float32)
         above += tl.sum((valid & (x > thr)).to(tl.int32), axis=0)
@@ -432,7 +449,7 @@ def _topk_indices_kernel(
     ties_left = k - above
     n_out = tl.zeros((), tl.int32)
     ties_seen = tl.zeros((), tl.int32)
-    for start in tl.range(0, V, TILE, num_stages=_STAGES):
+    for start in tl.range(0, V, TILE, num_stages=STAGES):
         valid = start + offs < V
         x = tl.load(row_ptr + start + offs, mask=valid, other=0.0).to(tl.float32)
         tie = (valid & (x == thr)).to(tl.int32)
@@ -463,8 +480,8 @@ def topk_lowest_index_first(x: torch.Tensor, k: int) -> torch.return_types.topk:
     if rows > 0 and k > 0:
         thr = top_k_top_p_threshold(x, torch.full((rows,), k, device=x.device), None)
         _topk_indices_kernel[(rows,)](
-            x, thr, indices, vocab, k, x.stride(0), indices.stride(0), TILE=TILE_ROW,
-            num_warps=NUM_WARPS,
+            x, thr, indices, vocab, k, x.stride(0), indices.stride(0), TILE=TILE_SCAN,
+            STAGES=STAGES, num_warps=NUM_WARPS,
         )  # fmt: skip
     # The k in column order, sorted by value: a stable sort keeps tied values lowest index first.
     values, order = x.gather(-1, indices).sort(dim=-1, descending=True, stable=True)
