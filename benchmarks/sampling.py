@@ -95,7 +95,7 @@ def sweep() -> dict:
                 ks.TILE_ROW, ks.TILE_LIST, ks.TILE_SCAN = (
                     per_thread * threads,
                     4 * threads,
-                    16 * threads,
+                    8 * threads,
                 )
                 thr = ks.top_k_top_p_threshold(logits, k, p)
                 if want is None:

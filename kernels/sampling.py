@@ -62,9 +62,9 @@ _NO_KEY = tl.constexpr(1 << 40)  # a key above every int32 key: "no list" / "lis
 # threads sums at most 2048 tokens in one packed int64, which bounds the vocabulary.
 TILE_ROW = 2048
 TILE_LIST = 1024
-TILE_SCAN = 4096
+TILE_SCAN = 2048
 CUTS_ROW = 16
-CUTS_LIST = 16
+CUTS_LIST = 8
 LIST_CAP = 16384
 NUM_WARPS = 8
 STAGES = 3
@@ -218,6 +218,27 @@ def _top_p_target(target, weight, q, first):
 
 
 @triton.jit
+def _round(src, n, base_count, base_weight, row_max, floor_value, q, target, first, lo, hi,
+           count_lo, count_hi, weight_hi, BY_WEIGHT: tl.constexpr, SNAP: tl.constexpr,
+           TILE: tl.constexpr, THREADS: tl.constexpr, M: tl.constexpr,
+           STAGES: tl.constexpr):  # fmt: skip
+    """One round on src[:n]: the row, or a list (base_*: count and weight above its top)."""
+    cuts = _cuts(lo, hi, floor_value, first, M)
+    count, weight, up, down = _stats(
+        src, n, cuts, row_max, BY_WEIGHT, SNAP, TILE, THREADS, M, STAGES
+    )  # fmt: skip
+    count += base_count
+    weight += base_weight
+    if BY_WEIGHT:
+        target = _top_p_target(target, weight, q, first)
+    lo, hi, count_lo, count_hi, weight_hi = _narrow(
+        cuts, count, weight, up, down, target, lo, hi, count_lo, count_hi, weight_hi,
+        BY_WEIGHT, SNAP,
+    )  # fmt: skip
+    return target, lo, hi, count_lo, count_hi, weight_hi
+
+
+@triton.jit
 def _select(row_ptr, V, list_ptr, cap, row_max, floor_value, q, target, lo, hi, count_lo,
             list_lo, list_hi, list_n, base_count, base_weight, BY_WEIGHT: tl.constexpr,
             TILE_ROW: tl.constexpr, TILE_LIST: tl.constexpr, CUTS_ROW: tl.constexpr,
@@ -231,37 +252,15 @@ def _select(row_ptr, V, list_ptr, cap, row_max, floor_value, q, target, lo, hi, 
     first = tl.full((), BY_WEIGHT, tl.int1)
     while hi - lo > 1:
         if (list_lo <= lo) & (hi <= list_hi):
-            cuts = _cuts(lo, hi, floor_value, first, CUTS_LIST)
-            count, weight, up, down = _stats(
-                list_ptr,
-                list_n,
-                cuts,
-                row_max,
-                BY_WEIGHT,
-                True,
-                TILE_LIST,
-                THREADS,
-                CUTS_LIST,
-                STAGES,
-            )
-            count += base_count
-            weight += base_weight
-            if BY_WEIGHT:
-                target = _top_p_target(target, weight, q, first)
-            lo, hi, count_lo, count_hi, weight_hi = _narrow(
-                cuts, count, weight, up, down, target, lo, hi, count_lo, count_hi, weight_hi,
-                BY_WEIGHT, True,
+            target, lo, hi, count_lo, count_hi, weight_hi = _round(
+                list_ptr, list_n, base_count, base_weight, row_max, floor_value, q, target,
+                first, lo, hi, count_lo, count_hi, weight_hi, BY_WEIGHT, True, TILE_LIST,
+                THREADS, CUTS_LIST, STAGES,
             )  # fmt: skip
         else:
-            cuts = _cuts(lo, hi, floor_value, first, CUTS_ROW)
-            count, weight, up, down = _stats(
-                row_ptr, V, cuts, row_max, BY_WEIGHT, False, TILE_ROW, THREADS, CUTS_ROW, STAGES
-            )
-            if BY_WEIGHT:
-                target = _top_p_target(target, weight, q, first)
-            lo, hi, count_lo, count_hi, weight_hi = _narrow(
-                cuts, count, weight, up, down, target, lo, hi, count_lo, count_hi, weight_hi,
-                BY_WEIGHT, False,
+            target, lo, hi, count_lo, count_hi, weight_hi = _round(
+                row_ptr, V, 0, 0, row_max, floor_value, q, target, first, lo, hi, count_lo,
+                count_hi, weight_hi, BY_WEIGHT, False, TILE_ROW, THREADS, CUTS_ROW, STAGES,
             )  # fmt: skip
             # Few enough tokens left: copy them to the list, all of them from lo up if they
             # fit (a later top-p select reads them too), else the bracket.
@@ -295,6 +294,7 @@ def _top_k_top_p_select_kernel(
     THREADS: tl.constexpr,  # num_warps * 32
     TILE_SCAN: tl.constexpr,
     STAGES: tl.constexpr,
+    MASK: tl.constexpr,  # also set x < threshold to -inf in place
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * stride_x
@@ -329,7 +329,16 @@ def _top_k_top_p_select_kernel(
                 list_hi, list_n, base_count, base_weight, True,
                 TILE_ROW, TILE_LIST, CUTS_ROW, CUTS_LIST, THREADS, TILE_SCAN, STAGES,
             )  # fmt: skip
-    tl.store(thr_ptr + row, _value(thr))
+    thr_value = _value(thr)
+    tl.store(thr_ptr + row, thr_value)
+    if MASK:
+        if thr_value > -float("inf"):
+            offs = tl.arange(0, TILE_SCAN)
+            for start in tl.range(0, V, TILE_SCAN, num_stages=STAGES):
+                valid = start + offs < V
+                x = tl.load(row_ptr + start + offs, mask=valid, other=0.0).to(tl.float32)
+                ninf = tl.full([TILE_SCAN], -float("inf"), tl.float32)
+                tl.store(row_ptr + start + offs, ninf, mask=valid & (x < thr_value))
 
 
 def _check_row_params(name: str, t: torch.Tensor | None, rows: int, device) -> None:
@@ -342,10 +351,11 @@ def _check_row_params(name: str, t: torch.Tensor | None, rows: int, device) -> N
 
 
 def top_k_top_p_threshold(
-    logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None
+    logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None, mask: bool = False
 ) -> torch.Tensor:
     """Per row of [R, V] logits, the smallest value top-k/top-p keep (fp32, one of the row's
-    values; -inf where nothing is masked)."""
+    values; -inf where nothing is masked). mask: also set the logits below it to -inf, in place
+    (as logits.masked_fill_(logits < thr[:, None], -inf), in the same launch)."""
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError(
             "det_backend: logits must be [rows, vocab] with a contiguous last dim, got "
@@ -353,8 +363,11 @@ def top_k_top_p_threshold(
         )
     rows, vocab = logits.shape
     threads = 32 * NUM_WARPS
-    if TILE_ROW % threads or TILE_LIST % threads:
-        raise ValueError(f"det_backend: TILE_ROW and TILE_LIST must be multiples of {threads}")
+    if TILE_ROW % threads or TILE_LIST % threads or min(CUTS_ROW, CUTS_LIST) < 2:
+        raise ValueError(
+            f"det_backend: TILE_ROW and TILE_LIST must be multiples of {threads} and "
+            "CUTS_ROW, CUTS_LIST powers of two >= 2"
+        )
     if vocab > 2048 * threads:
         raise ValueError(
             f"det_backend: vocab {vocab} > {2048 * threads}: top-p weight sums could overflow"
@@ -384,6 +397,7 @@ def top_k_top_p_threshold(
         THREADS=threads,
         TILE_SCAN=TILE_SCAN,
         STAGES=STAGES,
+        MASK=mask,
         num_warps=NUM_WARPS,
     )
     return thr
@@ -394,10 +408,9 @@ def apply_top_k_top_p(
 ) -> torch.Tensor:
     """Sets what top-k / top-p drop to -inf, in place; returns logits. logits: [R, V] of any
     float dtype (the threshold is one of the row's own values, so the comparison is exact)."""
-    if k is None and p is None:
-        return logits
-    thr = top_k_top_p_threshold(logits, k, p)
-    return logits.masked_fill_(logits < thr.unsqueeze(1), float("-inf"))
+    if k is not None or p is not None:
+        top_k_top_p_threshold(logits, k, p, mask=True)
+    return logits
 
 
 def apply_top_k_top_p_reference(
