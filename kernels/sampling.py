@@ -5,38 +5,39 @@ Semantics, per row x of V values (any float dtype, read as fp32; -0.0 counts as 
 not supported):
     top-k: keep x >= t_k, the k-th largest value (ties with it are kept); k <= 0 or k >= V: no-op.
     top-p: each token kept by top-k weighs w(x) = trunc(exp2((x - max) * log2(e)) * 2^38), an
-           int64 (exp2 and the products in fp32; 2^38 w is 1 for the max). With Z the sum of the
-           weights, q = 1 - p in fp32 and L = trunc(fp64(q) * fp64(Z)), keep x >= t_p, the
-           largest value whose tokens and those above it weigh at least T = max(Z - L, 1).
-           p >= 1 or an all -inf row: no-op.
-The weights are exact integers, so every sum of them is exact and the same in any order: the
-kernel may split, compact and re-read a row however it likes without changing a bit. This is
-vLLM's sort-based definition (mask the ascending sorted prefix whose cumulative probability is
-<= 1 - p, at least one token stays) with the probabilities in 38-bit fixed point rather than
-fp32 running sums: the kept set is the smallest top set of whole tie groups whose mass reaches p.
-As in vLLM's sort path every token tied with the threshold is kept (vLLM's positional mask keeps
-whichever of them its sort put last). tests/test_sampling.py checks the kept sets against
+           int64 (the exp2 and the products in fp32; w(max) = 2^38, tokens more than ~26.3
+           below the max weigh 0). With Z the sum of the weights, q = 1 - p in fp32 and
+           L = trunc(fp64(q) * fp64(Z)), keep x >= t_p, the largest value whose tokens and those
+           above it weigh at least T = max(Z - L, 1). p >= 1 or an all -inf row: no-op.
+The weights are integers, so every sum of them is exact and the same in any order: the kernel
+may split, compact and re-read a row however it likes without changing a bit. This is vLLM's
+sort-based definition (mask the ascending sorted prefix whose cumulative probability is <= 1 - p;
+at least one token stays) with the probabilities in 38-bit fixed point instead of fp32 running
+sums: the kept set is the smallest top set of whole tie groups whose mass reaches p. As in vLLM's
+sort path every token tied with the threshold is kept (vLLM's positional mask keeps whichever of
+them its sort put last). tests/test_sampling.py checks the kept sets against
 `apply_top_k_top_p_reference` (float64): equal, except for tie groups whose cumulative mass is
-within rounding of 1 - p.
+within 1e-5 of 1 - p. det_backend's previous version (kernels/sampling_sort.py) summed fp32
+probabilities in sorted order; the two can differ in such boundary groups.
 
-How: one program per row selects t_k, then t_p, each as "the largest key whose weight at or above
-it reaches T" (weight 1 per token for top-k) over the order-preserving int32 key of the value.
+How: one program per row finds t_k, then t_p, each as the largest key whose weight at or above
+it reaches T (weight 1 per token for top-k), over the order-preserving int32 key of the value.
 It keeps a bracket [lo, hi) of keys with W(lo) >= T > W(hi) and narrows it each round by
 evaluating W and the token count at M cut points inside it: half equally spaced in key space
-(at least a factor M/2 + 1 per round, so at most ~11 rounds), half equally spaced in value
-space (few rounds on real logits). Rounds read the row until the bracket holds at most
+(at least a factor M/2 + 1 per round, so at most 32 / log2(M/2 + 1) rounds), half equally spaced
+in value space (few rounds on real logits). Rounds read the row until the bracket holds at most
 LIST_CAP tokens, which one more pass copies to a per-row list; later rounds read the list and
 also snap the bracket to the nearest keys present, so they end once one distinct value is left.
 The number of rounds, the cut points and the list change how much is read, never the result.
-Passes over a [256, 152064] fp32 batch: max/min, one or two stats rounds, the copy to the list,
-and the caller's masked_fill (read + write).
+A [256, 152064] batch with top-k 50 is read 3 times (max/min, one round, the copy to the list)
+and once more to write the mask, all in one launch; top-p alone takes one or two rounds more.
 
 `topk_lowest_index_first` is torch.topk over the last dim with ties broken by the lower index:
 its result is unique, and topk(x, k)[:, :n] == topk(x, n). Plain torch.topk orders tied values as
 its algorithm happens to (CUDA picks the algorithm from the number of rows), and vLLM takes a
 request's top logprobs as the first n of a top-k whose k is the batch's largest request. Ours:
-the k-th largest value by the select above, the indices above it plus the lowest-index ties in
-one row-local pass, then a stable sort of those k by value.
+t_k as above, then one row-local pass takes the indices above it and its lowest-index ties, and
+a stable sort orders those k by value.
 """
 
 import torch
