@@ -51,10 +51,11 @@ CASES = (
 )
 
 
-# Launch parameters swept: (NUM_WARPS, tokens per thread in a row tile, CUTS_ROW, STAGES).
-SWEEP = list(itertools.product((4, 8), (4, 8), (8, 16), (2, 3)))
+# Launch parameters swept: NUM_WARPS, tokens per thread in a row tile (TILE_ROW), CUTS_ROW, and
+# (tokens per thread in a scan tile (TILE_SCAN), STAGES).
+SWEEP = list(itertools.product((4, 8), (4, 8), (8, 16), ((8, 3), (16, 2))))
 SWEEP_ROWS = (1, 8, 64, 256)
-SWEEP_CASES = ("top_k=50", "top_p=0.9", "top_k=50,top_p=0.9", "top_k=2000")
+SWEEP_CASES = ("top_k=50", "top_p=0.9", "top_k=50,top_p=0.9")
 
 
 def _on_a_copy(mask, logits, k, p):
@@ -89,13 +90,13 @@ def sweep() -> dict:
         for case in SWEEP_CASES:
             k, p = _case_inputs(case, rows)
             want = None
-            for warps, per_thread, cuts, stages in SWEEP:
+            for warps, per_thread, cuts, (scan, stages) in SWEEP:
                 threads = 32 * warps
                 ks.NUM_WARPS, ks.CUTS_ROW, ks.STAGES = warps, cuts, stages
                 ks.TILE_ROW, ks.TILE_LIST, ks.TILE_SCAN = (
                     per_thread * threads,
                     4 * threads,
-                    8 * threads,
+                    scan * threads,
                 )
                 thr = ks.top_k_top_p_threshold(logits, k, p)
                 if want is None:
@@ -105,7 +106,7 @@ def sweep() -> dict:
                 ms = bench(_on_a_copy(ks.apply_top_k_top_p, logits, k, p))
                 points.append(
                     dict(case=case, rows=rows, num_warps=warps, tile_row=ks.TILE_ROW,
-                         cuts_row=cuts, stages=stages, ms=ms)
+                         cuts_row=cuts, tile_scan=ks.TILE_SCAN, stages=stages, ms=ms)
                 )  # fmt: skip
                 print(f"{case:>20} rows={rows:<4} {points[-1]}", flush=True)
     for name, value in defaults.items():
@@ -186,7 +187,7 @@ def _summary(result: dict) -> str:
     if "best" in result:
         return "\n".join(
             f"{key}: {pt['ms']:.4f} ms with num_warps={pt['num_warps']} tile_row={pt['tile_row']} "
-            f"cuts_row={pt['cuts_row']} stages={pt['stages']}"
+            f"cuts_row={pt['cuts_row']} tile_scan={pt['tile_scan']} stages={pt['stages']}"
             for key, pt in result["best"].items()
         )
     vs_sorted = geomean([pt["speedup_vs_sorted"] for pt in result["points"]])
