@@ -409,8 +409,11 @@ def apply_top_k_top_p(
 ) -> torch.Tensor:
     """Sets what top-k / top-p drop to -inf, in place; returns logits. logits: [R, V] of any
     float dtype (the threshold is one of the row's own values, so the comparison is exact)."""
-    if k is not None or p is not None:
-        top_k_top_p_threshold(logits, k, p, mask=True)
+    if k is None and p is None:
+        return logits
+    if logits.dim() == 2 and logits.stride(-1) != 1:  # the kernel reads rows contiguously
+        return logits.copy_(apply_top_k_top_p(logits.contiguous(), k, p))
+    top_k_top_p_threshold(logits, k, p, mask=True)
     return logits
 
 
@@ -478,11 +481,9 @@ def _topk_indices_kernel(
 
 def topk_lowest_index_first(x: torch.Tensor, k: int) -> torch.return_types.topk:
     """torch.topk(x, k, dim=-1) (largest, sorted) for [R, V] x, ties taken lowest index first."""
-    if x.dim() != 2 or x.stride(-1) != 1:
-        raise ValueError(
-            f"det_backend: topk needs [rows, vocab] with a contiguous last dim, got "
-            f"{tuple(x.shape)} strides {x.stride()}"
-        )
+    if x.dim() != 2:
+        raise ValueError(f"det_backend: topk needs [rows, vocab], got {tuple(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()  # the kernels read rows contiguously
     rows, vocab = x.shape
     if not 0 <= k <= vocab:
         raise ValueError(f"det_backend: topk k={k} not in [0, {vocab}]")

@@ -34,7 +34,7 @@ from det_backend.kernels.sampling import (
     top_k_top_p_threshold,
     topk_lowest_index_first,
 )
-from det_backend.kernels.sampling_sort import topk_lowest_index_first as sorted_topk
+from det_backend.kernels.sampling_sort import topk_lowest_index_first as packed_key_topk
 from det_backend.patches import sampler as sampler_patch
 from invariance import prefixes_that_change
 
@@ -209,6 +209,13 @@ def test_top_k_top_p_edge_cases(device):
     assert kept_groups_off_by_more_than_rounding(x, k, p, out) == []
     thr = top_k_top_p_threshold(x, k, p)
     assert thr[1] == -inf and thr[2] == 0.5 and thr[5] == inf
+    # A row stride and a strided last dim (copied to a contiguous row, then back) change nothing.
+    wide = torch.full((8, 2 * vocab), 7.0, device=device)
+    wide[:, ::2] = x
+    assert torch.equal(apply_top_k_top_p(wide[:, ::2], k, p), out)
+    assert torch.equal(wide[:, 1::2], torch.full_like(x, 7.0))
+    wide[:, :vocab] = x
+    assert torch.equal(apply_top_k_top_p(wide[:, :vocab], k, p), out)
     # k <= 0, k >= vocab and p >= 1 mask nothing.
     none = top_k_top_p_threshold(x, torch.tensor([-3, 0, vocab, vocab + 9] * 2, device=device),
                                  torch.tensor([1.0, 1.5] * 4, device=device))  # fmt: skip
@@ -261,7 +268,7 @@ def test_topk_lowest_index_first(device):
     assert (indices[:, 1:][tied] > indices[:, :-1][tied]).all()
     # The packed-key version it replaces gives the same.
     for n in (2, 20, 200, VOCAB):
-        assert torch.equal(topk_lowest_index_first(x, n).indices, sorted_topk(x, n).indices)
+        assert torch.equal(topk_lowest_index_first(x, n).indices, packed_key_topk(x, n).indices)
     assert topk_lowest_index_first(x, 0).indices.shape == (16, 0)
 
 
@@ -645,7 +652,7 @@ def test_topk_lowest_index_first_at_full_vocab_gpu(dtype):
     x = bf16_logits(rows, vocab, seed=56, device="cuda").log_softmax(-1).to(dtype)
     for n in (2, 20, 500):
         got = topk_lowest_index_first(x, n)
-        want = sorted_topk(x, n)
+        want = packed_key_topk(x, n)
         assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
     fn = lambda t: topk_lowest_index_first(t, 20).indices  # noqa: E731
     assert prefixes_that_change(fn, x, (1, 2, 7, 8, 9, 64, 255)) == []
