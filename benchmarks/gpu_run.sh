@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_run.sh ab         end-to-end throughput A/B (ab_throughput.json)
 #   bash benchmarks/gpu_run.sh moe        our MoE vs vLLM's fused MoE (moe.json)
 #   bash benchmarks/gpu_run.sh sampling   our top-k/top-p and logprob topk vs vLLM's (sampling.json)
+#   bash benchmarks/gpu_run.sh sampling-sweep  top-k/top-p launch parameters (sampling_sweep.json)
 #   bash benchmarks/gpu_run.sh all
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -66,6 +67,11 @@ if [[ $what == *" matrix "* ]]; then
   DET_RESULTS_DIR="$OUT" python3 -m pytest -q -m slow "$REPO/tests/test_serve_matrix.py" \
     -p no:cacheprovider > "$OUT/matrix.log" 2>&1
   rc=$(( rc | $? )); tail -15 "$OUT/matrix.log"
+fi
+if [[ $what == *" sampling-sweep "* ]]; then
+  python3 "$REPO/benchmarks/sampling.py" --sweep --out "$OUT/sampling_sweep.json" \
+    > "$OUT/sampling_sweep.log" 2>&1
+  rc=$(( rc | $? )); tail -20 "$OUT/sampling_sweep.log"
 fi
 for bench in rmsnorm attention moe sampling; do
   if [[ $what == *" $bench "* ]]; then

@@ -31,12 +31,17 @@ from det_backend.kernels import sampling as ks
 from det_backend.kernels.sampling import (
     apply_top_k_top_p,
     apply_top_k_top_p_reference,
+    top_k_top_p_threshold,
     topk_lowest_index_first,
 )
+from det_backend.kernels.sampling_sort import topk_lowest_index_first as packed_key_topk
 from det_backend.patches import sampler as sampler_patch
 from invariance import prefixes_that_change
 
 VOCAB = 1000
+# A top-p tie group may be kept or not where its float64 cumulative mass is this close to 1 - p:
+# fixed-point weights (2^-38 per token), fp32 exp and 1 - p in fp32 each move it by less.
+TOP_P_TOL = 1e-5
 # 1 and 2: torch.cumsum's one-row and several-row scans; 7, 8: vLLM's top-k/top-p switch.
 BATCH_SIZES = (1, 2, 7, 8, 9, 64, 256)
 # The sampler tests run on the CPU, or with a GPU on CUDA (gpu-marked: the GPU runs select them);
@@ -101,24 +106,79 @@ def vllm_module_with_triton(name: str) -> types.ModuleType:
 # ----------------------------------------------------------------------------- the kernels
 
 
-def test_top_k_top_p_matches_float64_reference(device):
-    rows, vocab = 24, 2 * ks.BLOCK_V + 907  # three chunks, a ragged last one
-    x = bf16_logits(rows, vocab, seed=1, device=device)
-    g = torch.Generator().manual_seed(2)
+def kept_groups_off_by_more_than_rounding(x, k, p, out, tol=TOP_P_TOL) -> list[tuple]:
+    """Rows of `out` (x masked by top-k/top-p) whose kept set is not float64's: top-k's must be
+    exact; a top-p tie group may differ only where its cumulative mass (float64, ascending,
+    through the group) is within tol of 1 - p. Returns (row, value, mass) of the others."""
+    bad = []
+    vocab = x.shape[1]
+    for r in range(x.shape[0]):
+        xr = x[r].double().cpu()
+        values, group = torch.unique(xr, return_inverse=True)  # ascending
+        kept = out[r].cpu() > float("-inf")  # -inf tokens look the same masked or not
+        thr = xr[kept].min() if kept.any() else -torch.inf
+        if not torch.equal(kept, (xr >= thr) & (xr > -torch.inf)):
+            bad.append((r, "not a threshold", None))
+            continue
+        t_k = -torch.inf
+        if k is not None and 0 < int(k[r]) < vocab:
+            t_k = torch.sort(xr).values[vocab - int(k[r])].item()
+        ref_kept = values >= t_k
+        mass = torch.zeros_like(values)
+        if p is not None and float(p[r]) < 1.0 and xr.max() > -torch.inf:
+            e = torch.where(xr >= t_k, torch.exp(xr - xr.max()), 0.0)
+            mass = torch.zeros_like(values).index_add_(0, group, e).cumsum(0) / e.sum()
+            ref_kept &= mass > 1.0 - float(p[r])
+            ref_kept[-1] = True  # at least one token stays
+        differ = ((values >= thr) != ref_kept) & (values > -torch.inf)
+        near = (mass - (1.0 - float(p[r] if p is not None else 1.0))).abs() <= tol
+        off = differ & ~near
+        bad += [(r, v, m) for v, m in zip(values[off].tolist(), mass[off].tolist(), strict=True)]
+    return bad
+
+
+def random_top_k_top_p(rows: int, vocab: int, seed: int, device: str):
+    """k in 1..300 (every 5th row: vocab, no top-k), p in [0.05, 0.95] (every 7th: 1, none)."""
+    g = torch.Generator().manual_seed(seed)
     k = torch.randint(1, 300, (rows,), generator=g, dtype=torch.int32)
-    k[::5] = vocab  # no top-k on these rows
+    k[::5] = vocab
     p = 0.05 + 0.9 * torch.rand(rows, generator=g)
-    p[::7] = 1.0  # no top-p on these rows
-    k, p = k.to(device), p.to(device)
+    p[::7] = 1.0
+    return k.to(device), p.to(device)
+
+
+def test_top_k_top_p_matches_float64_reference(device):
+    rows, vocab = 12, 2 * ks.TILE_ROW + 907  # three row tiles, a ragged last one
+    x = bf16_logits(rows, vocab, seed=1, device=device)
+    k, p = random_top_k_top_p(rows, vocab, seed=2, device=device)
     for kk, pp in ((k, None), (None, p), (k, p)):
         out = apply_top_k_top_p(x.clone(), kk, pp)
-        ref = apply_top_k_top_p_reference(x, kk, pp)
-        if pp is None or device == "cpu":
-            assert torch.equal(out, ref)
-        else:
-            # CUDA's exp rounds unlike float64: a boundary token (or its tie group) may flip.
-            kept, ref_kept = (out > float("-inf")).sum(1), (ref > float("-inf")).sum(1)
-            assert ((kept - ref_kept).abs() <= 4).all()
+        if pp is None:
+            assert torch.equal(out, apply_top_k_top_p_reference(x, kk, pp))
+        assert kept_groups_off_by_more_than_rounding(x, kk, pp, out) == []
+
+
+@pytest.mark.parametrize("shape", ("peaked", "flat", "ties", "masked"))
+def test_top_p_kept_set_is_float64_within_rounding(device, shape):
+    """Logits a model may give: peaked (few tokens hold the mass), flat (thousands do), on a
+    coarse grid (large tie groups), mostly -inf (a grammar mask); p from tiny to almost 1."""
+    rows, vocab = 8, 3001
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(rows, vocab, generator=g)
+    x = {
+        "peaked": 12 * x,
+        "flat": 0.05 * x,
+        "ties": (2 * x).round() / 2,
+        "masked": torch.where(torch.rand(rows, vocab, generator=g) < 0.9, -torch.inf, x),
+    }[shape].to(device)
+    p = torch.tensor([1e-9, 0.1, 0.5, 0.8, 0.9, 0.95, 0.999, 0.999999], device=device)
+    k = torch.tensor([vocab, 2000, 1000, 40, 1, vocab, 3000, 2], device=device)
+    for kk in (None, k):
+        out = apply_top_k_top_p(x.clone(), kk, p)
+        assert kept_groups_off_by_more_than_rounding(x, kk, p, out) == []
+    # p tiny: the max and its ties alone.
+    out = apply_top_k_top_p(x[:1].clone(), None, p[:1])
+    assert torch.equal(out[0] > float("-inf"), x[0] == x[0].max())
 
 
 def test_top_k_keeps_every_logit_tied_with_the_kth(device):
@@ -127,6 +187,57 @@ def test_top_k_keeps_every_logit_tied_with_the_kth(device):
     x[0, indices[0, 10]] = values[0, 9]  # the 11th largest ties the 10th
     out = apply_top_k_top_p(x.clone(), torch.tensor([10], device=device), None)
     assert int((out > float("-inf")).sum()) == 11
+
+
+def test_top_k_top_p_edge_cases(device):
+    vocab = 700
+    inf = float("inf")
+    x = bf16_logits(8, vocab, seed=8, device=device)
+    x[1] = -inf  # nothing finite
+    x[2] = 0.5  # one tie group
+    x[3, 1:] = -inf  # one finite token
+    x[4, ::2] = -0.0
+    x[4, 1::2] = 0.0  # -0.0 ties +0.0
+    x[5, 3] = inf  # +inf max
+    x[6, 10:] = -inf  # fewer finite tokens than k
+    k = torch.tensor([0, 5, 5, 5, 5, 5, 50, vocab - 1], device=device)
+    p = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.3, 0.9, 1.0, 1.0], device=device)
+    out = apply_top_k_top_p(x.clone(), k, p)
+    kept = (out > -inf).sum(1).tolist()
+    assert torch.equal(out[1], x[1]) and kept[2] == vocab and kept[3] == 1 and kept[4] == vocab
+    assert kept[5] == 1 and kept[6] == 10 and kept[7] == vocab - 1
+    assert kept_groups_off_by_more_than_rounding(x, k, p, out) == []
+    thr = top_k_top_p_threshold(x, k, p)
+    assert thr[1] == -inf and thr[2] == 0.5 and thr[5] == inf
+    # A row stride and a strided last dim (copied to a contiguous row, then back) change nothing.
+    wide = torch.full((8, 2 * vocab), 7.0, device=device)
+    wide[:, ::2] = x
+    assert torch.equal(apply_top_k_top_p(wide[:, ::2], k, p), out)
+    assert torch.equal(wide[:, 1::2], torch.full_like(x, 7.0))
+    wide[:, :vocab] = x
+    assert torch.equal(apply_top_k_top_p(wide[:, :vocab], k, p), out)
+    # k <= 0, k >= vocab and p >= 1 mask nothing.
+    none = top_k_top_p_threshold(x, torch.tensor([-3, 0, vocab, vocab + 9] * 2, device=device),
+                                 torch.tensor([1.0, 1.5] * 4, device=device))  # fmt: skip
+    assert (none == -inf).all()
+
+
+def test_top_k_top_p_result_does_not_depend_on_the_path(device, monkeypatch):
+    """Tiles, cut points and the list only change what is read: the same thresholds bitwise
+    from the row alone (LIST_CAP 1: every round reads the row) and from a list at once."""
+    rows, vocab = 6, 3001
+    x = bf16_logits(rows, vocab, seed=9, device=device)
+    k, p = random_top_k_top_p(rows, vocab, seed=10, device=device)
+    k[1] = 2500  # top-k brackets too large for a small list
+    p[2] = 0.999
+    want = [top_k_top_p_threshold(x, kk, pp) for kk, pp in ((k, None), (None, p), (k, p))]
+    for cap, cuts, tile in ((1, 2, 256), (64, 4, 512), (vocab, 8, 1024), (700, 32, 2048)):
+        monkeypatch.setattr(ks, "LIST_CAP", cap)
+        monkeypatch.setattr(ks, "CUTS_ROW", cuts)
+        monkeypatch.setattr(ks, "CUTS_LIST", 2 * cuts)
+        monkeypatch.setattr(ks, "TILE_ROW", tile)
+        got = [top_k_top_p_threshold(x, kk, pp) for kk, pp in ((k, None), (None, p), (k, p))]
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (cap, cuts, tile)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
@@ -144,18 +255,28 @@ def test_top_k_top_p_batch_invariant(device, dtype):
     assert prefixes_that_change(fn, x, (1, 2, 7, 8, 9, 33)) == []
 
 
-def test_topk_lowest_index_first(monkeypatch):
-    x = bf16_logits(64, VOCAB, seed=6)
-    values, indices = topk_lowest_index_first(x, 20)
-    assert torch.equal(values, torch.topk(x, 20).values)
+def test_topk_lowest_index_first(device):
+    x = bf16_logits(16, VOCAB, seed=6, device=device)
+    x[3] = 1.0  # a row of ties
+    x[4, 100:] = -float("inf")  # fewer finite values than k
+    values, indices = topk_lowest_index_first(x, 200)
+    assert torch.equal(values, torch.topk(x, 200).values)
     assert torch.equal(topk_lowest_index_first(x, 5).indices, indices[:, :5])
     # Among equal values, lower indices first.
     tied = values[:, 1:] == values[:, :-1]
     assert tied.any()
     assert (indices[:, 1:][tied] > indices[:, :-1][tied]).all()
-    # The scratch budget splits rows into chunks without changing any row.
-    monkeypatch.setattr(ks, "_TOPK_CHUNK_ELEMENTS", 3 * VOCAB)
-    assert torch.equal(topk_lowest_index_first(x, 20).indices, indices)
+    # The packed-key version it replaces gives the same.
+    for n in (2, 20, 200, VOCAB):
+        assert torch.equal(topk_lowest_index_first(x, n).indices, packed_key_topk(x, n).indices)
+    assert topk_lowest_index_first(x, 0).indices.shape == (16, 0)
+
+
+def test_topk_lowest_index_first_batch_invariant(device):
+    x = bf16_logits(40, VOCAB, seed=11, device=device)
+    assert (
+        prefixes_that_change(lambda t: topk_lowest_index_first(t, 20).indices, x, (1, 7, 33)) == []
+    )
 
 
 # ----------------------------------------------------------------------------- the patch
@@ -483,6 +604,57 @@ def test_top_k_top_p_batch_invariant_at_full_vocab_gpu(dtype):
         m = t.shape[0]
         return apply_top_k_top_p(t.clone(), k[:m], p[:m])
 
+    assert prefixes_that_change(fn, x, (1, 2, 7, 8, 9, 64, 255)) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ("randn", "peaked"))
+def test_top_k_top_p_matches_float64_at_full_vocab_gpu(shape):
+    rows, vocab = 48, 152064
+    x = bf16_logits(rows, vocab, seed=52, device="cuda")
+    if shape == "peaked":
+        x = (4 * x).to(torch.bfloat16).float()  # a few tokens hold the mass
+    k, p = random_top_k_top_p(rows, vocab, seed=53, device="cuda")
+    k[3::6] = 20000  # brackets larger than the list
+    p[4::6] = 0.999
+    for kk, pp in ((k, None), (None, p), (k, p)):
+        out = apply_top_k_top_p(x.clone(), kk, pp)
+        if pp is None:
+            assert torch.equal(out, apply_top_k_top_p_reference(x, kk, pp))
+        assert kept_groups_off_by_more_than_rounding(x, kk, pp, out) == []
+
+
+@pytest.mark.gpu
+def test_top_k_top_p_result_does_not_depend_on_the_path_gpu(monkeypatch):
+    """Each launch parameter compiles another kernel: its exp2 weights, and so every
+    threshold, must come out the same bitwise."""
+    rows, vocab = 64, 152064
+    x = bf16_logits(rows, vocab, seed=54, device="cuda").to(torch.bfloat16)
+    k, p = random_top_k_top_p(rows, vocab, seed=55, device="cuda")
+    k[1::8] = 30000
+    p[2::8] = 0.999
+    modes = ((k, None), (None, p), (k, p))
+    want = [top_k_top_p_threshold(x, kk, pp) for kk, pp in modes]
+    for cap, cuts, tile in ((1, 4, 256), (1024, 8, 1024), (vocab, 32, 4096)):
+        monkeypatch.setattr(ks, "LIST_CAP", cap)
+        monkeypatch.setattr(ks, "CUTS_ROW", cuts)
+        monkeypatch.setattr(ks, "CUTS_LIST", cuts)
+        monkeypatch.setattr(ks, "TILE_ROW", tile)
+        got = [top_k_top_p_threshold(x, kk, pp) for kk, pp in modes]
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (cap, cuts, tile)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_topk_lowest_index_first_at_full_vocab_gpu(dtype):
+    """The same as the packed-key version it replaced, alone and in any batch."""
+    rows, vocab = 256, 152064
+    x = bf16_logits(rows, vocab, seed=56, device="cuda").log_softmax(-1).to(dtype)
+    for n in (2, 20, 500):
+        got = topk_lowest_index_first(x, n)
+        want = packed_key_topk(x, n)
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+    fn = lambda t: topk_lowest_index_first(t, 20).indices  # noqa: E731
     assert prefixes_that_change(fn, x, (1, 2, 7, 8, 9, 64, 255)) == []
 
 
