@@ -12,6 +12,7 @@ import torch
 
 from . import variants
 from .patches import CHECKED_VLLM_VERSIONS
+from .patches.tensor_parallel import parallel_problems
 from .variants import SUPPORTED_KV_CACHE_DTYPES
 
 if TYPE_CHECKING:
@@ -93,16 +94,8 @@ def config_problems(vllm_config: VllmConfig) -> list[str]:
         reasons.append("speculative decoding")
     if vllm_config.lora_config is not None:
         reasons.append("LoRA adapters")
-    par = vllm_config.parallel_config
-    for name in (
-        "tensor_parallel_size",
-        "pipeline_parallel_size",
-        "data_parallel_size",
-        "decode_context_parallel_size",
-        "prefill_context_parallel_size",
-    ):
-        if getattr(par, name, 1) != 1:
-            reasons.append(f"{name}={getattr(par, name)} (only 1 is supported for now)")
+    # Parallel sizes and expert parallelism; at TP > 1, the all-reduce pins.
+    reasons += parallel_problems(vllm_config)
     cache_dtype = vllm_config.cache_config.cache_dtype
     if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
         reasons.append(f"kv_cache_dtype={cache_dtype} (supported: {SUPPORTED_KV_CACHE_DTYPES})")
@@ -120,8 +113,9 @@ def _moe_problems(vllm_config: VllmConfig) -> list[str]:
             "backends re-lay the expert weights for their own kernels"
         )
     par = vllm_config.parallel_config
-    if par.enable_expert_parallel or par.enable_eplb:
-        reasons.append("expert parallelism / EPLB")
+    # Expert parallelism itself is refused for every model by parallel_problems.
+    if par.enable_eplb:
+        reasons.append("EPLB (expert load balancing)")
     if vllm_config.model_config.enable_return_routed_experts:
         reasons.append(
             "enable_return_routed_experts (our MoE layer routes inside its kernel, so vLLM's "

@@ -2,6 +2,10 @@
 
 - backend_alias: registry._AttentionBackendEnumMeta.__getitem__ accepts DETERMINISTIC for
   CUSTOM (applied by register(), not by apply_all: the CLI name is parsed in process0).
+- tensor_parallel: engine.arg_utils.EngineArgs.create_engine_config pins NCCL, custom
+  all-reduce off and the all-reduce compile passes off when our backend runs at TP > 1
+  (applied by register(): NCCL reads its environment before any worker builds the model);
+  its problems() checks, in the worker, that only NCCL's all-reduce is live.
 - custom_ops: adds torch.ops.det_backend.{linear, rms_norm, fused_add_rms_norm}, so
   torch.compile keeps our kernels whole.
 - linear: layers.linear.UnquantizedLinearMethod.apply (cuBLAS split-K depends on M).
@@ -24,12 +28,31 @@ not selected) and is idempotent. Removal plan: each patch goes when vLLM exposes
 switch as a supported setting.
 """
 
-from . import batch_invariant_ops, custom_ops, linear, logits, moe, rms_norm, sampler
+from . import (
+    batch_invariant_ops,
+    custom_ops,
+    linear,
+    logits,
+    moe,
+    rms_norm,
+    sampler,
+    tensor_parallel,
+)
 
 # vLLM versions whose internals these patches were read against.
 CHECKED_VLLM_VERSIONS = ("0.26.0",)
 
-_PATCHES = (custom_ops, linear, logits, rms_norm, moe, batch_invariant_ops, sampler)
+# tensor_parallel is applied by register(); listed here so the worker checks it.
+_PATCHES = (
+    custom_ops,
+    linear,
+    logits,
+    rms_norm,
+    moe,
+    batch_invariant_ops,
+    sampler,
+    tensor_parallel,
+)
 
 
 def apply_all(vllm_config=None) -> None:

@@ -1,0 +1,253 @@
+"""Tensor parallelism (issue 8): what patches/tensor_parallel.py pins before the engine starts,
+what the workers refuse, and, on two GPUs, TP=2 alone vs batch and run to run.
+
+The CPU tests use vLLM 0.26's real EngineArgs; nothing here starts an engine without GPUs.
+"""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from det_backend.patches import tensor_parallel
+from det_backend.patches.tensor_parallel import COMM_PASSES, ENV, NCCL_ENV, VLLM_ENV
+
+from det_backend.config import config_problems
+
+
+@pytest.fixture
+def clean_env():
+    """No pin set beforehand; the process environment restored afterwards."""
+    saved = dict(os.environ)
+    for name in ENV:
+        os.environ.pop(name, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def stub_config_build(monkeypatch):
+    """create_engine_config replaced by a stub under our wrapper, both restored afterwards."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setattr(EngineArgs, "create_engine_config", lambda self, *a, **k: "vllm_config")
+    monkeypatch.setattr(tensor_parallel, "_original_create_engine_config", None)
+    tensor_parallel.apply()
+
+
+def _engine_args(**kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model="unused-model-dir", **kwargs)
+
+
+def test_nccl_pins_are_vllms_batch_invariant_ones(monkeypatch):
+    from vllm.model_executor.layers import batch_invariant
+
+    environ = {}
+    monkeypatch.setattr(os, "environ", environ)
+    batch_invariant.override_envs_for_invariance()
+    assert {k: v for k, v in environ.items() if k.startswith("NCCL_")} == NCCL_ENV
+    assert environ["VLLM_ALLREDUCE_USE_SYMM_MEM"] == VLLM_ENV["VLLM_ALLREDUCE_USE_SYMM_MEM"]
+
+
+def test_pin_sets_exactly_the_documented_env_and_engine_args(clean_env):
+    args = _engine_args(tensor_parallel_size=2, attention_backend="CUSTOM")
+    before = dict(os.environ)
+    tensor_parallel.pin(args)
+    changed = {k: v for k, v in os.environ.items() if before.get(k) != v}
+    assert changed == ENV
+    assert args.disable_custom_all_reduce is True
+    for name in COMM_PASSES:
+        assert getattr(args.compilation_config.pass_config, name) is False
+    tensor_parallel.pin(args)  # idempotent
+    assert {k: v for k, v in os.environ.items() if before.get(k) != v} == ENV
+
+
+def test_pin_overrides_a_conflicting_nccl_setting(clean_env):
+    os.environ["NCCL_ALGO"] = "ring"
+    tensor_parallel.pin(_engine_args(tensor_parallel_size=2, attention_backend="CUSTOM"))
+    assert os.environ["NCCL_ALGO"] == ENV["NCCL_ALGO"]
+
+
+def test_pin_keeps_a_pass_the_user_turned_on_for_the_workers_to_refuse(clean_env):
+    args = _engine_args(
+        tensor_parallel_size=2,
+        attention_backend="CUSTOM",
+        compilation_config={"pass_config": {"fuse_allreduce_rms": True}},
+    )
+    tensor_parallel.pin(args)
+    assert args.compilation_config.pass_config.fuse_allreduce_rms is True
+
+
+@pytest.mark.parametrize(
+    "kwargs, pinned",
+    [
+        ({"tensor_parallel_size": 2, "attention_backend": "CUSTOM"}, True),
+        ({"tensor_parallel_size": 2, "attention_backend": "deterministic"}, True),
+        ({"tensor_parallel_size": 2, "attention_config": {"backend": "CUSTOM"}}, True),
+        ({"tensor_parallel_size": 1, "attention_backend": "CUSTOM"}, False),
+        ({"tensor_parallel_size": 2, "attention_backend": "FLASH_ATTN"}, False),
+        ({"tensor_parallel_size": 2}, False),
+    ],
+)
+def test_config_build_pins_only_for_our_backend_at_tp_above_1(
+    kwargs, pinned, clean_env, stub_config_build
+):
+    args = _engine_args(**kwargs)
+    assert args.create_engine_config() == "vllm_config"  # the original still builds it
+    assert all((os.environ.get(k) == v) == pinned for k, v in ENV.items())
+    assert args.disable_custom_all_reduce is pinned
+
+
+def test_apply_is_idempotent_and_problems_empty_after(stub_config_build):
+    from vllm.engine.arg_utils import EngineArgs
+
+    tensor_parallel.apply()
+    assert EngineArgs.create_engine_config is tensor_parallel._create_engine_config
+    assert (
+        tensor_parallel._original_create_engine_config is not tensor_parallel._create_engine_config
+    )
+    assert tensor_parallel.problems() == []
+
+
+def test_problems_name_a_missing_wrapper(monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setattr(EngineArgs, "create_engine_config", lambda self: None)
+    assert any("create_engine_config" in p for p in tensor_parallel.problems())
+
+
+def _fake_config(tp=1, moe=False, passes=None, **parallel):
+    par = dict(
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=1,
+        data_parallel_size=1,
+        decode_context_parallel_size=1,
+        prefill_context_parallel_size=1,
+        enable_expert_parallel=False,
+        enable_eplb=False,
+        nnodes=1,
+        disable_custom_all_reduce=True,
+    )
+    par.update(parallel)
+    pass_config = {name: False for name in COMM_PASSES} | (passes or {})
+    return SimpleNamespace(
+        parallel_config=SimpleNamespace(**par),
+        model_config=SimpleNamespace(is_moe=moe),
+        compilation_config=SimpleNamespace(pass_config=SimpleNamespace(**pass_config)),
+    )
+
+
+@pytest.fixture
+def pinned_env(clean_env):
+    os.environ.update(ENV)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_pinned_supported_sizes_have_no_problem(tp, pinned_env):
+    assert tensor_parallel.parallel_problems(_fake_config(tp)) == []
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (_fake_config(pipeline_parallel_size=2), "pipeline_parallel_size=2: pipeline"),
+        (_fake_config(data_parallel_size=2), "data_parallel_size=2: data parallelism"),
+        (_fake_config(decode_context_parallel_size=2), "decode_context_parallel_size=2"),
+        (_fake_config(enable_expert_parallel=True), "enable_expert_parallel: expert"),
+        (_fake_config(4), "tensor_parallel_size=4 (supported: 1, 2"),
+        (_fake_config(2, nnodes=2), "across nodes (nnodes=2)"),
+        (_fake_config(2, moe=True), "mixture-of-experts layers with tensor_parallel_size > 1"),
+        (_fake_config(2, disable_custom_all_reduce=False), "custom all-reduce is on"),
+        (_fake_config(2, passes={"fuse_allreduce_rms": True}), "fuse_allreduce_rms=True"),
+        (_fake_config(2, passes={"enable_sp": True}), "enable_sp=True"),
+        (_fake_config(2, passes={"fuse_gemm_comms": True}), "fuse_gemm_comms=True"),
+    ],
+)
+def test_parallel_refusals_name_the_cause(config, message, pinned_env):
+    reasons = tensor_parallel.parallel_problems(config)
+    assert len(reasons) == 1 and message in reasons[0], reasons
+
+
+def test_unpinned_environment_is_refused_with_what_to_export(pinned_env):
+    os.environ["NCCL_ALGO"] = "ring"
+    del os.environ["VLLM_ALLREDUCE_USE_SYMM_MEM"]
+    (reason,) = tensor_parallel.parallel_problems(_fake_config(2))
+    assert "NCCL_ALGO='ring', needs 'allreduce:tree'" in reason
+    assert "VLLM_ALLREDUCE_USE_SYMM_MEM=None, needs '0'" in reason
+    assert "NCCL_ALGO=allreduce:tree" in reason  # the export line
+
+
+def test_tp1_needs_no_pin(clean_env):
+    assert tensor_parallel.parallel_problems(_fake_config(1)) == []
+
+
+def _communicator(**live):
+    paths = ("ca_comm", "symm_mem_comm", "fi_ar_comm", "qr_comm", "aiter_ar_comm")
+    comm = {p: (SimpleNamespace(disabled=False) if live.get(p) else None) for p in paths}
+    comm["pynccl_comm"] = SimpleNamespace(disabled=False)
+    return SimpleNamespace(**comm)
+
+
+def test_only_nccl_all_reduce_passes():
+    assert tensor_parallel.communicator_problems(_communicator()) == []
+    disabled = _communicator(ca_comm=True)
+    disabled.ca_comm.disabled = True
+    assert tensor_parallel.communicator_problems(disabled) == []
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("ca_comm", "vLLM's custom all-reduce"),
+        ("symm_mem_comm", "symmetric-memory"),
+        ("fi_ar_comm", "FlashInfer"),
+        ("qr_comm", "quick all-reduce"),
+    ],
+)
+def test_live_non_nccl_all_reduce_is_refused(path, message):
+    (reason,) = tensor_parallel.communicator_problems(_communicator(**{path: True}))
+    assert message in reason and path in reason
+
+
+def test_config_problems_accept_pinned_tp2(pinned_env, monkeypatch):
+    """Through det_backend.config: TP=2 passes once pinned; only the platform is left on CPU."""
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    cfg = _fake_config(2)
+    cfg.model_config = SimpleNamespace(
+        dtype=torch.bfloat16,
+        quantization=None,
+        is_quantized=False,
+        architectures=["LlamaForCausalLM"],
+        use_mla=False,
+        is_moe=False,
+        is_encoder_decoder=False,
+        is_hybrid=False,
+        is_attention_free=False,
+    )
+    cfg.cache_config = SimpleNamespace(cache_dtype="auto")
+    cfg.speculative_config = cfg.lora_config = None
+    reasons = config_problems(cfg)
+    assert len(reasons) == (0 if torch.cuda.is_available() else 1), reasons
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_tp2_alone_equals_batch_and_runs_repeat():
+    """Two engines at tensor_parallel_size=2: each prompt alone = in a batch of 32, the batch
+    twice, and the second engine process = the first, bit for bit; vLLM's default differs."""
+    from det_backend.tp_demo import compare_tp
+
+    result = compare_tp("small", tensor_parallel_size=2, num_prompts=32, max_tokens=64, runs=2)
+    det = [r for r in result["runs"] if r["backend"].startswith("det#")]
+    (default,) = [r for r in result["runs"] if r["backend"].startswith("default#")]
+    assert len(det) == 2
+    for run in det:
+        assert run["identical_alone_vs_batch"] == run["prompts_alone"] == 32
+        assert run["identical_batch_repeat"] == run["prompts_batch"]
+    assert result["identical_across_runs"]["det"] == 32
+    assert default["identical_alone_vs_batch"] < default["prompts_alone"]
