@@ -184,6 +184,8 @@ class Settings:
     background: int
     abort_after: int
     api_key: str | None = field(default=None, repr=False)
+    # More request fields, sent as they are: top_k, top_p, min_p, penalties, logit_bias.
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         config = asdict(self)
@@ -203,6 +205,7 @@ def request_body(settings: Settings, model: str, prompt: Prompt) -> dict:
         "model": model,
         "max_tokens": settings.max_tokens,
         "temperature": settings.temperature,
+        **settings.sampling,
     }
     if settings.seed is not None:
         # Per prompt, the same in every repeat: a deterministic server must then repeat itself.

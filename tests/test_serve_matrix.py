@@ -6,10 +6,12 @@ at least one of its cells (proof the comparison can fail). Set DET_RESULTS_DIR t
 result as invariance_matrix.json.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
+from test_drift import FakeOpenAI
 
 from det_backend import drift, matrix
 
@@ -60,6 +62,108 @@ def test_matrix_merge_keeps_each_cell_from_the_run_that_measured_it():
     assert rows["batch_256"]["default_identical_fraction"] == 0.25
     assert rows["restart"]["default_identical_fraction"] is None
     assert merged["command"] == "a + b"
+
+
+def test_matrix_prompt_count_is_a_parameter_and_256_keeps_the_committed_set():
+    assert len(matrix.make_prompts(vocab=32000, num=128)) == 128
+    first = matrix.make_prompts(vocab=32000, num=128)
+    assert len(first[-1].payload) - len(first[0].payload) > 200  # last group's long prefix
+    with pytest.raises(ValueError):
+        matrix.make_prompts(vocab=32000, num=100)
+    assert matrix.preemption_blocks(256) == 800
+    assert matrix.preemption_blocks(128) == 400
+
+
+def test_matrix_seeded_settings_send_seed_per_prompt_and_every_field():
+    prompt = drift.Prompt(5, 0, "token_ids", [101, 102])
+    body = drift.request_body(matrix._settings(matrix.SEEDED), "m", prompt)
+    assert body["seed"] == matrix.SEEDED["seed"] + 5
+    assert body["temperature"] == 0.8
+    for name in ("top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
+        assert body[name] == matrix.SEEDED[name]
+    assert body["repetition_penalty"] == matrix.SEEDED["repetition_penalty"]
+    assert body["logit_bias"] == matrix.SEEDED["logit_bias"]
+    greedy = drift.request_body(matrix._settings(None), "m", prompt)
+    assert greedy["temperature"] == 0.0 and "seed" not in greedy and "top_k" not in greedy
+    assert matrix.SEEDED["seed"] == 1000  # _settings must not consume the preset
+
+
+def test_matrix_sampling_flags():
+    def parse(*argv):
+        return matrix.sampling_from_args(matrix.build_parser("matrix").parse_args(argv))
+
+    assert parse() is None
+    assert parse("--seeded") == matrix.SEEDED
+    assert parse("--seeded", "--top-k", "5")["top_k"] == 5
+    assert parse("--temperature", "0.7", "--seed", "3") == {"temperature": 0.7, "seed": 3}
+    assert parse("--seed", "1", "--temperature", "1", "--logit-bias", "1000:4,2000:-2.5")[
+        "logit_bias"
+    ] == {"1000": 4.0, "2000": -2.5}
+    with pytest.raises(SystemExit):
+        parse("--temperature", "0.7")
+    with pytest.raises(SystemExit):
+        parse("--logit-bias", "x:1")
+
+
+def test_matrix_counts_preemptions_from_prometheus_text():
+    text = (
+        "# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.\n"
+        "# TYPE vllm:num_preemptions_total counter\n"
+        'vllm:num_preemptions_total{engine="0",model_name="m"} 12.0\n'
+        'vllm:num_preemptions_created{engine="0",model_name="m"} 1.7e+09\n'
+    )
+    assert matrix.count_preemptions(text) == 12
+    assert matrix.count_preemptions("vllm:num_requests_running 3.0\n") is None
+
+
+def test_matrix_merge_refuses_runs_of_other_sampling_settings():
+    greedy = {"command": "a", "cells": [], "sampling": None}
+    old = {"command": "b", "cells": []}  # committed before the key existed: greedy, 256
+    seeded = {"command": "c", "cells": [], "sampling": matrix.SEEDED, "num_prompts": 128}
+    assert matrix.merge([greedy, old])["sampling"] is None
+    with pytest.raises(ValueError, match="different sampling"):
+        matrix.merge([greedy, seeded])
+
+
+@pytest.fixture
+def fake_openai():
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+def test_matrix_seeded_cells_send_the_settings_and_keep_the_preemption_count(
+    fake_openai, monkeypatch, tmp_path
+):
+    """run_variant against a fake OpenAI server standing in for every `vllm serve`: each cell
+    sends the seeded fields, scores against the reference, and the preemption cell keeps the
+    count (None: the fake has no /metrics)."""
+    server = fake_openai
+    started = []
+
+    @contextlib.contextmanager
+    def serve(model, port, args, timeout):
+        started.append(args)
+        yield drift.Served(server.base_url, None, "")
+
+    monkeypatch.setattr(matrix.drift, "serve_vllm", serve)
+    prompts = matrix.make_prompts(vocab=32000, num=16)
+    records = {}
+    cells = ("prefix_cache_warm", "batch_256", "chunked_prefill_256", "preemption")
+    matrix.run_variant(
+        "ckpt", "det", prompts, cells, records.__setitem__, tmp_path / "ref.json", matrix.SEEDED
+    )
+    assert set(records) == {"reference", *cells}
+    assert all(records[c]["identical_fraction"] == 1.0 for c in cells)  # the fake repeats itself
+    assert records["preemption"]["preemptions"] is None
+    assert "preemptions" not in records["batch_256"]
+    bodies = server.measured()
+    assert len(bodies) == 16 * 5
+    index = {tuple(p.payload): p.index for p in prompts}
+    assert all(b["seed"] == 1000 + index[tuple(b["prompt"])] for b in bodies)
+    assert all(b["top_k"] == 50 and b["logit_bias"] == matrix.SEEDED["logit_bias"] for b in bodies)
+    assert ["--num-gpu-blocks-override", "64"] == started[-1][-2:]
+    assert ["--max-num-batched-tokens", "256"] == started[1][-2:]
 
 
 # One GPU call may not fit every server start: DET_MATRIX_CELLS / DET_MATRIX_DEFAULT_CELLS
