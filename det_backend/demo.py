@@ -83,6 +83,17 @@ def _outputs(request_outputs) -> list[dict]:
     return result
 
 
+def sampling_fields(sampling: dict, index: int | None) -> dict:
+    """SamplingParams fields of prompt `index` (None: a warm-up prompt, unseeded) from a
+    workload's sampling dict as it comes back from JSON."""
+    fields = {k: v for k, v in sampling.items() if k != "seed"}
+    # Seeded sampling: each prompt its own seed, the same alone and in the batch.
+    fields["seed"] = None if index is None or "seed" not in sampling else sampling["seed"] + index
+    if "logit_bias" in fields:  # token ids came through JSON as strings
+        fields["logit_bias"] = {int(t): b for t, b in fields["logit_bias"].items()}
+    return fields
+
+
 def engine_worker(args: argparse.Namespace) -> None:
     """One engine, one backend, every workload of the plan. Per workload: a warm-up batch of
     other prompts (pays Triton's JIT compiles), the timed batch (prompts not yet in the prefix
@@ -103,6 +114,11 @@ def engine_worker(args: argparse.Namespace) -> None:
         gpu_memory_utilization=0.85,
         seed=0,
     )
+    if plan.get("num_gpu_blocks_override"):
+        # Few KV blocks: a batch outgrows the cache and vLLM preempts requests (frees their
+        # blocks, recomputes them later); the stats count the preemptions.
+        kwargs.update(num_gpu_blocks_override=plan["num_gpu_blocks_override"])
+        kwargs.update(disable_log_stats=False)
     if BACKENDS[args.engine_worker]["attention_backend"]:
         kwargs["attention_backend"] = BACKENDS[args.engine_worker]["attention_backend"]
     llm = LLM(**kwargs)
@@ -113,12 +129,8 @@ def engine_worker(args: argparse.Namespace) -> None:
         sampling = w.get("sampling") or {"temperature": 0.0}
 
         def params_for(index: int | None, sampling=sampling, w=w) -> SamplingParams:
-            # Seeded sampling: each prompt its own seed, the same alone and in the batch.
-            seed = None if index is None or "seed" not in sampling else sampling["seed"] + index
-            extra = {k: v for k, v in sampling.items() if k != "seed"}
             return SamplingParams(
-                **extra,
-                seed=seed,
+                **sampling_fields(sampling, index),
                 max_tokens=w["max_tokens"],
                 logprobs=1,
                 ignore_eos=True,
@@ -151,8 +163,18 @@ def engine_worker(args: argparse.Namespace) -> None:
             "alone": alone,
             "gpu": torch.cuda.get_device_name(),
             "vllm": vllm.__version__,
+            "preemptions": _preemptions(llm) if plan.get("num_gpu_blocks_override") else None,
         }
     Path(args.out).write_text(json.dumps(results))
+
+
+def _preemptions(llm) -> int:
+    """vLLM's cumulative preemption count in this engine (its stats must be on)."""
+    return sum(
+        int(m.value)
+        for m in llm.get_metrics()
+        if m.name in ("vllm:num_preemptions", "vllm:num_preemptions_total")
+    )
 
 
 def first_divergence(a: dict, b: dict) -> int | None:
@@ -177,6 +199,7 @@ def summarize(run: dict) -> dict:
         "prompts_batch": len(repeat_div),
         "first_divergence_min": min(diverged) if diverged else None,
         "tok_s": run["tok_s"],
+        "preemptions": run.get("preemptions"),
         "gpu": run["gpu"],
         "vllm": run["vllm"],
     }
@@ -218,9 +241,11 @@ def run_backends(
     backends: tuple[str, ...],
     alone_backends: tuple[str, ...] | None = None,
     verbose: bool = False,
+    num_gpu_blocks: int | None = None,
 ) -> dict:
     """Each backend in its own process (one engine per process), same prompts and weights.
-    Only `alone_backends` (default: all) also run prompts alone."""
+    Only `alone_backends` (default: all) also run prompts alone. num_gpu_blocks: KV blocks
+    of the engines (vLLM's num_gpu_blocks_override), few enough that batches preempt."""
     result = {"config": config, "workloads": {}}
     alone = backends if alone_backends is None else alone_backends
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,6 +254,7 @@ def run_backends(
         for backend in backends:
             plan = {
                 "max_model_len": max_len + 64,
+                "num_gpu_blocks_override": num_gpu_blocks,
                 "workloads": [
                     {**w, "num_alone": w["num_alone"] if backend in alone else 0} for w in workloads
                 ],
@@ -280,11 +306,12 @@ def compare(
     backends: tuple[str, ...] = ("default", "det"),
     verbose: bool = False,
     sampling: dict | None = None,
+    num_gpu_blocks: int | None = None,
 ) -> dict:
     """The demo's comparison: one workload, every prompt (or `num_alone`) also alone."""
     num_alone = num_prompts if num_alone is None else num_alone
     w = workload("main", num_prompts, max_tokens, num_alone, vocab_size(config), sampling=sampling)
-    result = run_backends(config, [w], backends, verbose=verbose)
+    result = run_backends(config, [w], backends, verbose=verbose, num_gpu_blocks=num_gpu_blocks)
     return {"config": config, **result["workloads"]["main"]}
 
 

@@ -61,6 +61,40 @@ def test_seeded_sampling_alone_equals_batch_and_default_differs():
     assert default["identical_alone_vs_batch"] < default["prompts_alone"]
 
 
+# SEEDED with the penalties and a logit bias (token ids of the small model's 32000).
+SEEDED_PENALTIES = {
+    **SEEDED,
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.3,
+    "repetition_penalty": 1.1,
+    "logit_bias": {1000: 4.0, 2000: -4.0, 3000: 2.0},
+}
+# KV blocks of 16 tokens: 32 prompts of 64-512 tokens + 64 new need ~700; 128 hold a few
+# requests at a time (one of max_model_len 640 needs 40), so the batch preempts.
+PREEMPTION_BLOCKS = 128
+
+
+def test_seeded_sampling_after_preemption_and_default_differs():
+    """Seeded sampling with penalties and a logit bias in an engine with few KV blocks: the
+    batch is preempted (requests freed and recomputed, penalty counts rebuilt from their
+    tokens) and must still give each prompt its tokens and logprobs alone (where nothing is
+    preempted); vLLM's default backend, same engine settings, must differ."""
+    result = compare(
+        "small",
+        num_prompts=32,
+        max_tokens=64,
+        sampling=SEEDED_PENALTIES,
+        num_gpu_blocks=PREEMPTION_BLOCKS,
+    )
+    _keep("e2e_seeded_preemption", result, "-k preemption")
+    runs = {r["backend"]: r for r in result["runs"]}
+    det, default = runs["det"], runs["default"]
+    assert det["preemptions"] > 0 and default["preemptions"] > 0, runs
+    assert det["identical_alone_vs_batch"] == det["prompts_alone"] == 32
+    assert det["identical_batch_repeat"] == det["prompts_batch"]
+    assert default["identical_alone_vs_batch"] < default["prompts_alone"]
+
+
 @pytest.mark.parametrize("config", ["mixtral-8x7b-4l", "qwen3-30b-a3b-4l"])
 def test_moe_alone_equals_batch_and_default_differs(config):
     """Mixture-of-experts shapes (full widths, 4 layers): routing, grouped GEMMs and the

@@ -1,0 +1,46 @@
+"""The demo's host side on the CPU (det_backend.demo): what reaches each engine process and
+what comes back in the summary. The engines themselves run in tests/test_e2e.py (GPU)."""
+
+import json
+import subprocess
+from pathlib import Path
+
+from det_backend import demo
+
+
+def test_sampling_fields_seed_per_prompt_and_logit_bias_ids_from_json():
+    from vllm import SamplingParams
+
+    sampling = json.loads(json.dumps({"temperature": 0.8, "seed": 1000, "logit_bias": {7: 2.0}}))
+    fields = demo.sampling_fields(sampling, 5)
+    assert fields == {"temperature": 0.8, "seed": 1005, "logit_bias": {7: 2.0}}
+    assert demo.sampling_fields(sampling, None)["seed"] is None
+    assert demo.sampling_fields({"temperature": 0.0}, 3)["seed"] is None
+    SamplingParams(**fields, max_tokens=4)  # vLLM takes them
+
+
+def test_preemption_engines_get_few_blocks_and_report_preemptions(monkeypatch):
+    plans = {}
+
+    def fake_run(cmd, env, check):
+        backend = cmd[cmd.index("--engine-worker") + 1]
+        plan = json.loads(Path(cmd[cmd.index("--plan") + 1]).read_text())
+        plans[backend] = plan
+        w = plan["workloads"][0]
+        out = [{"tokens": [1, 2], "logprobs": [-0.5, -0.25]}] * len(w["prompts"])
+        run = {"backend": backend, "tok_s": 1.0, "batch_seconds": 1.0, "batch": out}
+        run.update(batch2=out, alone=out[: w["num_alone"]], gpu="G", vllm="0.26.0")
+        run["preemptions"] = 9
+        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({w["name"]: run}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    sampling = {"temperature": 0.8, "seed": 1000, "logit_bias": {1000: 4.0}}
+    result = demo.compare("small", 4, 8, sampling=sampling, num_gpu_blocks=128)
+    assert {b: p["num_gpu_blocks_override"] for b, p in plans.items()} == {
+        "default": 128,
+        "det": 128,
+    }
+    assert plans["det"]["workloads"][0]["sampling"]["logit_bias"] == {"1000": 4.0}
+    assert [r["preemptions"] for r in result["runs"]] == [9, 9]
+    assert demo.compare("small", 4, 8) and plans["det"]["num_gpu_blocks_override"] is None
