@@ -6,7 +6,8 @@ seeded noise per row already: the V2 runner (default for our dense models) from 
 (seed, position) (v1/worker/gpu/sample/gumbel.py), the V1 runner from the request's own
 torch.Generator (v1/sample/ops/topk_topp_sampler.py `random_sample`). Temperature, min-p, logit
 bias, penalties (repetition, frequency, presence, in that order) and greedy argmax are per-row
-elementwise ops or one-program-per-row kernels. What is not row-local:
+elementwise ops or one-program-per-row kernels, with integer token counts (patches/SAMPLER.md,
+with vLLM file:line for each). What is not row-local:
   - `apply_top_k_top_p` (v1/sample/ops/topk_topp_sampler.py:345) switches on the batch size:
     a Triton pivot search for >= 8 rows (keeps exactly k of tied logits), a sort for fewer
     (keeps every tie); and the sort path's torch.cumsum is CUB's device-wide scan for one row

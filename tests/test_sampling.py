@@ -501,8 +501,8 @@ def test_vllm_v1_sampling_depends_on_batch(vllm_sampler, vllm_on_cpu, device):
 
 def v2_sample(batch: list[Request], positions: list[int], device: str):
     """The V2 runner's Sampler.sample in its order: temperature, min-p, top-k/top-p, Gumbel-max
-    keyed on (seed, position). Penalties and logit bias, which V2 applies first with one program
-    per row, are left out."""
+    keyed on (seed, position). Penalties and logit bias, which V2 applies first, have their own
+    test (test_v2_penalties_and_logit_bias_row_local)."""
     gumbel = vllm_module_with_triton("vllm.v1.worker.gpu.sample.gumbel")
     min_p = vllm_module_with_triton("vllm.v1.worker.gpu.sample.min_p")
     params = [r.params for r in batch]
@@ -585,6 +585,183 @@ def test_v2_logprobs_batch_invariant(monkeypatch, device, patched):
         for a, b in zip(ra, rb, strict=True)
     )
     assert same == patched
+
+
+# ------------------------------------------------- penalties and logit bias (patches/SAMPLER.md)
+
+
+@dataclasses.dataclass
+class Biased:
+    logits: torch.Tensor  # [V]
+    prompt: list[int]
+    output: list[int]
+    rep: float
+    freq: float
+    pres: float
+    bias: dict[int, float]
+
+
+def biased_requests(num: int, seed: int) -> list[Biased]:
+    """Rows with penalties and logit bias in every mix, and rows with neither (their kernels'
+    early returns); tokens repeat, so counts above 1 occur."""
+    rng = random.Random(seed)
+    logits = bf16_logits(num, VOCAB, seed)
+    kinds = [(1.2, 0.3, 0.5), (1.0, 0.0, 0.0), (0.8, 0.0, 1.0), (1.0, 1.5, 0.0), (1.1, -0.4, -0.2)]
+    out = []
+    for i in range(num):
+        rep, freq, pres = kinds[i % len(kinds)]
+        bias = {rng.randrange(VOCAB): rng.uniform(-8, 8) for _ in range(rng.choice((0, 1, 3)))}
+        pool = [rng.randrange(VOCAB) for _ in range(30)]
+        out.append(
+            Biased(
+                logits=logits[i],
+                prompt=[rng.choice(pool) for _ in range(rng.randrange(1, 60))],
+                output=[rng.choice(pool) for _ in range(rng.randrange(0, 40))],
+                rep=rep,
+                freq=freq,
+                pres=pres,
+                bias=bias,
+            )
+        )
+    return out
+
+
+def v2_bias_and_penalties(batch: list[Biased], state_rows: list[int], resumed: bool):
+    """The V2 runner's first two steps (v1/worker/gpu/sample/sampler.py:171-182): logit bias,
+    then penalties, with each request's counts in persistent state row `state_rows[i]`.
+    resumed: counts built by one bincount over prompt + output (a request added again after
+    preemption, v1/worker/gpu/model_runner.py:791-801); else bincount over the prompt, then
+    one increment per output token as _post_update_kernel does (input_batch.py:496-503)."""
+    pen = vllm_module_with_triton("vllm.v1.worker.gpu.sample.penalties")
+    lb = vllm_module_with_triton("vllm.v1.worker.gpu.sample.logit_bias")
+    states = max(state_rows) + 1
+    longest = max(len(r.prompt) + len(r.output) for r in batch)
+    all_tokens = torch.zeros(states, longest, dtype=torch.int32)
+    prompt_len = torch.zeros(states, dtype=torch.int32)
+    prefill_len = torch.zeros(states, dtype=torch.int32)
+    rep, freq, pres = (torch.ones(states), torch.zeros(states), torch.zeros(states))
+    num_bias = torch.zeros(states, dtype=torch.int32)
+    bias_ids = torch.zeros(states, lb.MAX_NUM_LOGIT_BIAS_TOKENS, dtype=torch.int32)
+    bias = torch.zeros(states, lb.MAX_NUM_LOGIT_BIAS_TOKENS)
+    for r, s in zip(batch, state_rows, strict=True):
+        tokens = r.prompt + r.output
+        all_tokens[s, : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+        prompt_len[s] = len(r.prompt)
+        prefill_len[s] = len(tokens) if resumed else len(r.prompt)
+        rep[s], freq[s], pres[s] = r.rep, r.freq, r.pres
+        num_bias[s] = len(r.bias)
+        bias_ids[s, : len(r.bias)] = torch.tensor(list(r.bias), dtype=torch.int32)
+        bias[s, : len(r.bias)] = torch.tensor(list(r.bias.values()))
+    idx = torch.tensor(state_rows, dtype=torch.int32)
+    prompt_mask = torch.zeros(states, (VOCAB + 31) // 32, dtype=torch.int32)
+    counts = torch.zeros(states, VOCAB, dtype=torch.int32)
+    pen.bincount(
+        idx, all_tokens, prompt_len, prefill_len, prompt_mask, counts, int(prefill_len.max())
+    )
+    if not resumed:
+        for r, s in zip(batch, state_rows, strict=True):
+            for t in r.output:
+                counts[s, t] += 1
+    logits = torch.stack([r.logits for r in batch])
+    rows = len(batch)
+    none = torch.zeros(states, dtype=torch.int32)
+    lb.apply_logit_bias(
+        logits,
+        idx,
+        torch.zeros(rows, dtype=torch.int64),  # positions: only min_tokens reads them
+        none,  # no allowed_token_ids
+        torch.zeros(states, lb.MAX_NUM_ALLOWED_TOKEN_IDS, dtype=torch.int32),
+        num_bias,
+        bias_ids,
+        bias,
+        none,  # no min_tokens
+        none,
+        torch.zeros(states, lb.MAX_NUM_STOP_TOKEN_IDS, dtype=torch.int32),
+    )
+    pen.apply_penalties(
+        logits,
+        idx,
+        torch.zeros(rows, dtype=torch.int32),  # input ids: read only for draft tokens
+        torch.zeros(rows, dtype=torch.int32),  # no draft tokens: local position 0
+        rep,
+        freq,
+        pres,
+        prompt_mask,
+        counts,
+    )
+    return logits
+
+
+def test_v2_penalties_and_logit_bias_row_local(vllm_on_cpu):
+    """Each row's logits after V2's logit-bias and penalty kernels are the same alone and in
+    batches of 2..64 (at other state rows), and the same whether its counts were built at
+    once (after preemption) or one token at a time (decode); alone, they equal V1's (the
+    same formulas), which checks the state this test builds."""
+    targets = biased_requests(10, seed=60)
+    fillers = biased_requests(64, seed=61)
+    alone = [v2_bias_and_penalties([t], [0], resumed=False) for t in targets]
+    for j, t in enumerate(targets):
+        assert torch.equal(v1_bias_and_penalties([t]), alone[j]), j
+    for j, t in enumerate(targets):
+        assert torch.equal(v2_bias_and_penalties([t], [3], resumed=True), alone[j]), j
+    changed = sum(not torch.equal(a[0], t.logits) for a, t in zip(alone, targets, strict=True))
+    assert changed >= 7  # every target but those with neither penalties nor bias
+    for size in (2, 7, 8, 9, 64):
+        batch = list(fillers[:size])
+        count = min(len(targets), size)
+        where = [(j * size) // count for j in range(count)]
+        for j, row in enumerate(where):
+            batch[row] = targets[j]
+        state_rows = random.Random(size).sample(range(2 * size), size)
+        for resumed in (False, True):
+            out = v2_bias_and_penalties(batch, state_rows, resumed)
+            for j, row in enumerate(where):
+                assert torch.equal(out[row : row + 1], alone[j]), (size, j, resumed)
+
+
+def v1_bias_and_penalties(batch: list[Biased]) -> torch.Tensor:
+    """V1's LogitBiasLogitsProcessor (v1/sample/logits_processor/builtin.py:119), then
+    apply_penalties (model_executor/layers/utils.py:51), as v1/sample/sampler.py:398-403 runs
+    them; prompts and outputs padded to the batch's longest with the id VOCAB, which only a
+    dropped column counts."""
+    from vllm.model_executor.layers.utils import apply_penalties
+    from vllm.v1.sample.logits_processor import BatchUpdate
+    from vllm.v1.sample.logits_processor.builtin import LogitBiasLogitsProcessor
+
+    def padded(lists):
+        n = max(1, max(len(x) for x in lists))
+        return torch.tensor([x + [VOCAB] * (n - len(x)) for x in lists])
+
+    logits = torch.stack([r.logits for r in batch])
+    proc = LogitBiasLogitsProcessor(None, torch.device("cpu"), False)
+    added = [
+        (i, types.SimpleNamespace(logit_bias=r.bias or None), r.prompt, r.output)
+        for i, r in enumerate(batch)
+    ]
+    proc.update_state(BatchUpdate(batch_size=len(batch), removed=[], added=added, moved=[]))
+    return apply_penalties(
+        proc.apply(logits),
+        padded([r.prompt for r in batch]),
+        padded([r.output for r in batch]),
+        torch.tensor([r.pres for r in batch]),
+        torch.tensor([r.freq for r in batch]),
+        torch.tensor([r.rep for r in batch]),
+    )
+
+
+def test_v1_penalties_and_logit_bias_row_local(vllm_on_cpu):
+    targets = biased_requests(10, seed=70)
+    fillers = biased_requests(256, seed=71)
+    alone = [v1_bias_and_penalties([t]) for t in targets]
+    for size in BATCH_SIZES[1:]:
+        batch = list(fillers[:size])
+        count = min(len(targets), size)
+        where = [(j * size) // count for j in range(count)]
+        for j, row in enumerate(where):
+            batch[row] = targets[j]
+        out = v1_bias_and_penalties(batch)
+        for j, row in enumerate(where):
+            assert torch.equal(out[row : row + 1], alone[j]), (size, j)
 
 
 # ----------------------------------------------------------------------------- GPU only
