@@ -10,6 +10,10 @@
 #   bash benchmarks/gpu_run.sh rmsnorm    RMSNorm vs vLLM's CUDA ops (rmsnorm.json)
 #   bash benchmarks/gpu_run.sh attention  attention vs FA3 (attention.json)
 #   bash benchmarks/gpu_run.sh matrix     invariance matrix through vllm serve (invariance_matrix.json)
+#   bash benchmarks/gpu_run.sh seeded     seeded sampling (penalties, logit bias) through vllm serve:
+#                                         4 det cells + the default control (invariance_matrix_seeded.json),
+#                                         then offline after preemption (e2e_seeded_preemption.json);
+#                                         seeded-serve / seeded-offline run one part each
 #   bash benchmarks/gpu_run.sh ab         end-to-end throughput A/B (ab_throughput.json)
 #   bash benchmarks/gpu_run.sh moe        our MoE vs vLLM's fused MoE (moe.json)
 #   bash benchmarks/gpu_run.sh sampling   our top-k/top-p and logprob topk vs vLLM's (sampling.json)
@@ -67,6 +71,22 @@ if [[ $what == *" matrix "* ]]; then
   DET_RESULTS_DIR="$OUT" python3 -m pytest -q -m slow "$REPO/tests/test_serve_matrix.py" \
     -p no:cacheprovider > "$OUT/matrix.log" 2>&1
   rc=$(( rc | $? )); tail -15 "$OUT/matrix.log"
+fi
+if [[ $what == *" seeded "* || $what == *" seeded-serve "* ]]; then
+  # DET_MATRIX_PROMPTS: prompts per pass (default 64; four server starts fit one call).
+  start=$SECONDS
+  DET_RESULTS_DIR="$OUT" python3 -m pytest -q -m slow "$REPO/tests/test_serve_seeded.py" \
+    -p no:cacheprovider > "$OUT/seeded_serve.log" 2>&1
+  rc=$(( rc | $? )); echo "seeded-serve: $(( SECONDS - start )) s" | tee -a "$OUT/seeded_times.txt"
+  tail -15 "$OUT/seeded_serve.log"
+fi
+if [[ $what == *" seeded "* || $what == *" seeded-offline "* ]]; then
+  start=$SECONDS
+  DET_RESULTS_DIR="$OUT" python3 -m pytest -q -s -m slow "$REPO/tests/test_e2e.py" \
+    -k seeded_sampling_after_preemption -p no:cacheprovider 2>&1 \
+    | tee "$OUT/seeded_offline.log" | grep -v -E '^\s*$' | tail -30
+  rc=$(( rc | ${PIPESTATUS[0]} ))
+  echo "seeded-offline: $(( SECONDS - start )) s" | tee -a "$OUT/seeded_times.txt"
 fi
 if [[ $what == *" sampling-sweep "* ]]; then
   python3 "$REPO/benchmarks/sampling.py" --sweep --out "$OUT/sampling_sweep.json" \
