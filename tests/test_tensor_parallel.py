@@ -229,6 +229,7 @@ def test_config_problems_accept_pinned_tp2(pinned_env, monkeypatch):
     )
     cfg.cache_config = SimpleNamespace(cache_dtype="auto")
     cfg.speculative_config = cfg.lora_config = None
+    cfg.additional_config = {}
     reasons = config_problems(cfg)
     assert len(reasons) == (0 if torch.cuda.is_available() else 1), reasons
 
