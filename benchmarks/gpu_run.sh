@@ -18,6 +18,12 @@
 #   bash benchmarks/gpu_run.sh moe        our MoE vs vLLM's fused MoE (moe.json)
 #   bash benchmarks/gpu_run.sh sampling   our top-k/top-p and logprob topk vs vLLM's (sampling.json)
 #   bash benchmarks/gpu_run.sh sampling-sweep  top-k/top-p launch parameters (sampling_sweep.json)
+#   bash benchmarks/gpu_run.sh tp         2 GPUs, one call (< 10 min): TP-invariance kernel tests
+#                                         on one GPU (tp_kernels.log), the tree-GEMM cost
+#                                         (tp_gemm.json), then -m multigpu: TP=1 vs TP=2 with and
+#                                         without DET_BACKEND_TP_INVARIANT (tp_invariance.json;
+#                                         enforce_eager unless TP_INV_EAGER=0) and the TP=2
+#                                         tp_demo test (tp_demo.json), log tp_multigpu.log
 #   bash benchmarks/gpu_run.sh all
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -99,6 +105,19 @@ for bench in rmsnorm attention moe sampling; do
     rc=$(( rc | $? )); tail -4 "$OUT/$bench.log"
   fi
 done
+if [[ $what == *" tp "* ]]; then
+  # Quick parts first: if the engine part overruns the call, these are already under $OUT.
+  python3 -m pytest -q -m "gpu and not slow" "$REPO/tests/test_tp_invariance.py" -p no:cacheprovider \
+    2>&1 | tee "$OUT/tp_kernels.log" | tail -5
+  rc=$(( rc | ${PIPESTATUS[0]} ))
+  python3 "$REPO/benchmarks/tp_gemm.py" --out "$OUT/tp_gemm.json" > "$OUT/tp_gemm.log" 2>&1
+  rc=$(( rc | $? )); tail -6 "$OUT/tp_gemm.log"
+  # 7 engine starts: TP=1 x2 side by side, TP=2 x2 (eager), then tp_demo's 3 at TP=2 (compiled).
+  TP_INV_EAGER="${TP_INV_EAGER:-1}" DET_RESULTS_DIR="$OUT" python3 -m pytest -q -s -m multigpu \
+    "$REPO/tests/test_tp_invariance.py" "$REPO/tests/test_tensor_parallel.py" -p no:cacheprovider \
+    2>&1 | tee "$OUT/tp_multigpu.log" | grep -E "identical|tensor_parallel_size|passed|failed|Error|^(det|default)" | tail -40
+  rc=$(( rc | ${PIPESTATUS[0]} ))
+fi
 if [[ $what == *" ab "* ]]; then
   python3 "$REPO/benchmarks/ab_throughput.py" --out "$OUT/ab_throughput.json" > "$OUT/ab.log" 2>&1
   rc=$(( rc | $? )); grep -E "tok/s|Error|error" "$OUT/ab.log" | tail -20

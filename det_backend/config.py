@@ -12,6 +12,7 @@ import torch
 
 from . import variants
 from .patches import CHECKED_VLLM_VERSIONS
+from .patches.row_parallel import tp_invariance_problems
 from .patches.tensor_parallel import parallel_problems
 from .variants import SUPPORTED_KV_CACHE_DTYPES
 
@@ -96,6 +97,8 @@ def config_problems(vllm_config: VllmConfig) -> list[str]:
         reasons.append("LoRA adapters")
     # Parallel sizes and expert parallelism; at TP > 1, the all-reduce pins.
     reasons += parallel_problems(vllm_config)
+    # DET_BACKEND_TP_INVARIANT: what the K-slice tree cannot cover (MoE, TP size, K).
+    reasons += tp_invariance_problems(vllm_config)
     cache_dtype = vllm_config.cache_config.cache_dtype
     if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
         reasons.append(f"kv_cache_dtype={cache_dtype} (supported: {SUPPORTED_KV_CACHE_DTYPES})")

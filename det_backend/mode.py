@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from . import patches
 from .config import DeterminismError, check_vllm_version, config_problems
 from .fingerprint import fingerprint
+from .patches import row_parallel
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -32,7 +33,7 @@ def enable(vllm_config: VllmConfig) -> None:
             raise DeterminismError(reasons)
         # Our builder never asks for cascade attention; the flag keeps vLLM from planning it.
         vllm_config.model_config.disable_cascade_attn = True
-        patches.apply_all(vllm_config)
+        patches.apply_all(vllm_config, tp_invariant=row_parallel.requested())
         _enabled = True
         _log_fingerprint(vllm_config)
     missing = patches.problems()
@@ -51,4 +52,6 @@ def _log_fingerprint(vllm_config: VllmConfig) -> None:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     info = fingerprint(vllm_config.model_config.dtype, gpu, read_variant())
+    # The mode changes every row-parallel layer's bits, at TP = 1 too.
+    info["tp_invariant"] = str(row_parallel.requested()).lower()
     init_logger(__name__).info("det_backend: deterministic mode on: %s", info)

@@ -262,10 +262,17 @@ def config_for_m(m: int) -> MatmulConfig:
     return _first_fitting(MATMUL_CONFIGS, m)
 
 
-def config_for(m: int, n: int, k: int, family: str) -> MatmulConfig:
+def config_for(m: int, n: int, k: int, family: str, full_k: bool = False) -> MatmulConfig:
     """The config for an [m, k] x [k, n] product on a GPU of `family` (`gpu_family`): the
-    shape's own table on sm_90, else MATMUL_CONFIGS."""
+    shape's own table on sm_90, else MATMUL_CONFIGS.
+
+    full_k: only split_k = 1 configs (one fp32 dot over the whole K), so that a column's bits
+    do not depend on N: a column-parallel layer at TP = t has N / t columns, and a table for
+    one of (N, K), (N / t, K) may name another split_k than the other's. A shape whose table
+    splits K then uses MATMUL_CONFIGS (all split_k = 1)."""
     table = MATMUL_TABLE.get((n, k)) if family == SM90 else None
+    if table and full_k and table[0].split_k != 1:  # one split_k per table (tested)
+        table = None
     return _first_fitting(table or MATMUL_CONFIGS, m)
 
 
@@ -631,13 +638,13 @@ def _check_tma_operand(t: torch.Tensor, name: str) -> None:
         )
 
 
-def _launch_plain(x, weight, bias, y, cfg: MatmulConfig) -> None:
+def launch_matmul_kernel(x, weight, bias, out, cfg: MatmulConfig, chunk: int, partials: bool):
+    """One launch of _matmul_kernel. partials: out is fp32 [cfg.split_k, M, N] and receives
+    each K chunk's fp32 sum (chunk `c` covers K from c * chunk, `chunk` long, walked from
+    zero in BLOCK_K steps); else out is [M, N] and receives the chunks added in order, plus
+    bias, rounded once. `chunk` must be a multiple of cfg.block_k."""
     M, K = x.shape
     N = weight.shape[0]
-    chunk = k_chunk(K, cfg.split_k)
-    partials = cfg.kind == "split_k"
-    # Partials: fp32 [split_k, M, N], every element written by the first kernel.
-    out = torch.empty((cfg.split_k, M, N), dtype=torch.float32, device=x.device) if partials else y
     grid = (
         triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),
         cfg.split_k if partials else 1,
@@ -663,13 +670,23 @@ def _launch_plain(x, weight, bias, y, cfg: MatmulConfig) -> None:
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
-        # Chunks are multiples of every BLOCK_K: only K itself can leave a tail.
+        # Chunks are multiples of BLOCK_K: only K itself can leave a tail.
         EVEN_K=K % cfg.block_k == 0,
         SPLIT_K=cfg.split_k,
         PARTIALS=partials,
         num_warps=cfg.num_warps,
         num_stages=_num_stages(cfg, x.element_size()),
     )
+
+
+def _launch_plain(x, weight, bias, y, cfg: MatmulConfig) -> None:
+    M, K = x.shape
+    N = weight.shape[0]
+    chunk = k_chunk(K, cfg.split_k)
+    partials = cfg.kind == "split_k"
+    # Partials: fp32 [split_k, M, N], every element written by the first kernel.
+    out = torch.empty((cfg.split_k, M, N), dtype=torch.float32, device=x.device) if partials else y
+    launch_matmul_kernel(x, weight, bias, out, cfg, chunk, partials)
     if partials:
         block_m, block_n = 16, 128
         _split_k_reduce_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
@@ -735,12 +752,14 @@ def matmul(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: MatmulConfig | None = None,
+    full_k: bool = False,
 ) -> torch.Tensor:
     """y = x @ weight.T (+ bias) for x [M, K], weight [N, K] (torch.nn.Linear layout), bias [N].
 
     Returns a new [M, N] tensor in x.dtype. `config` forces one config instead of
-    `config_for(M, N, K, gpu_family(x.device))`; any config with the same split_k gives
-    bitwise the same result.
+    `config_for(M, N, K, gpu_family(x.device), full_k)`; any config with the same split_k
+    gives bitwise the same result. full_k: split_k = 1 only, so each column's bits are the same
+    whatever N (column-parallel layers in TP-invariant mode).
     """
     _check_inputs(x, weight, bias)
     M, K = x.shape
@@ -748,7 +767,7 @@ def matmul(
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    cfg = config_for(M, N, K, gpu_family(x.device)) if config is None else config
+    cfg = config_for(M, N, K, gpu_family(x.device), full_k) if config is None else config
     _check_config(cfg, x)
     if cfg.kind == "tma_persistent":
         _launch_tma(x, weight, bias, y, cfg)

@@ -10,6 +10,9 @@
   torch.compile keeps our kernels whole.
 - linear: layers.linear.UnquantizedLinearMethod.apply (cuBLAS split-K depends on M).
 - logits: layers.vocab_parallel_embedding.UnquantizedEmbeddingMethod.apply (lm_head, same).
+- row_parallel: layers.linear.RowParallelLinear.forward, in TP-invariant mode only
+  (DET_BACKEND_TP_INVARIANT=1): K in fixed slices added in a fixed fp32 tree across ranks,
+  so TP = 1 and 2 give the same bits (vLLM rounds each rank's partial, then all-reduces).
 - rms_norm: vllm.ir.ops.rms_norm / fused_add_rms_norm get provider "det", first and only
   (vllm_c picks its block size from the row count).
 - moe: layers.fused_moe UnquantizedFusedMoEMethod becomes monolithic and runs our routing +
@@ -35,6 +38,7 @@ from . import (
     logits,
     moe,
     rms_norm,
+    row_parallel,
     sampler,
     tensor_parallel,
 )
@@ -52,13 +56,17 @@ _PATCHES = (
     batch_invariant_ops,
     sampler,
     tensor_parallel,
+    row_parallel,
 )
 
 
-def apply_all(vllm_config=None) -> None:
+def apply_all(vllm_config=None, tp_invariant: bool = False) -> None:
+    """tp_invariant: DET_BACKEND_TP_INVARIANT is on (row_parallel.requested())."""
     custom_ops.apply()
-    linear.apply()
-    logits.apply()
+    linear.apply(full_k=tp_invariant)
+    logits.apply(full_k=tp_invariant)
+    if tp_invariant:
+        row_parallel.apply()
     rms_norm.apply(vllm_config)
     moe.apply(vllm_config)
     batch_invariant_ops.apply()

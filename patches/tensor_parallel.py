@@ -26,6 +26,9 @@ process that builds the engine (LLM, vllm serve), after register() (arg_utils.py
   NCCL_* and VLLM_* (ray_env.py:36);
 - sets disable_custom_all_reduce=True;
 - sets each of COMM_PASSES to False unless the user set it.
+With DET_BACKEND_TP_INVARIANT=1 (at any TP size) it also writes the mode into
+additional_config (`stamp_tp_invariant`), so that compiled graphs of the two modes are cached
+apart (patches/row_parallel.py).
 A config built without EngineArgs is not pinned, and its workers refuse to start.
 register() calls `apply()` on a checked vLLM version only; `apply()` is idempotent. With
 another backend, or at TP = 1, the wrapper just calls the original.
@@ -33,6 +36,8 @@ Checked against vLLM: 0.26.0.
 """
 
 import os
+
+from . import row_parallel
 
 # vLLM's own NCCL pins, same names and values (override_envs_for_invariance,
 # batch_invariant.py:963-981): one channel, tree, Simple protocol, no NVLS or CollNet, so
@@ -128,9 +133,22 @@ def pin(engine_args) -> None:
             setattr(pass_config, name, False)
 
 
+def stamp_tp_invariant(engine_args) -> None:
+    """Writes TP-invariant mode into additional_config, which vLLM's compile-cache hash covers
+    (patches/row_parallel.py says why). Idempotent; a non-dict additional_config is left alone
+    and the workers refuse it."""
+    extra = engine_args.additional_config
+    if isinstance(extra, dict):
+        engine_args.additional_config = {**extra, row_parallel.CONFIG_KEY: True}
+
+
 def _create_engine_config(self, *args, **kwargs):
-    if self.tensor_parallel_size > 1 and _selects_our_backend(self):
-        pin(self)
+    tp_invariant = row_parallel.requested()
+    if (self.tensor_parallel_size > 1 or tp_invariant) and _selects_our_backend(self):
+        if self.tensor_parallel_size > 1:
+            pin(self)
+        if tp_invariant:
+            stamp_tp_invariant(self)
     return _original_create_engine_config(self, *args, **kwargs)
 
 

@@ -18,6 +18,11 @@ def fake_config(**overrides):
         is_hybrid=False,
         is_attention_free=False,
         enable_return_routed_experts=False,
+        # llama-small's widths (det_backend/configs/llama-small.json): o_proj reads 8 x 128,
+        # down_proj 3584, both TP-invariant-mode friendly.
+        hf_text_config=SimpleNamespace(
+            hidden_size=1024, num_attention_heads=8, head_dim=128, intermediate_size=3584
+        ),
     )
     model.update(overrides.pop("model", {}))
     parallel = dict(
@@ -37,5 +42,6 @@ def fake_config(**overrides):
         kernel_config=SimpleNamespace(moe_backend=overrides.pop("moe_backend", "auto")),
         speculative_config=overrides.pop("speculative_config", None),
         lora_config=overrides.pop("lora_config", None),
+        additional_config=overrides.pop("additional_config", {}),
     )
     return SimpleNamespace(**cfg)

@@ -4,7 +4,9 @@ what the workers refuse, and, on two GPUs, TP=2 alone vs batch and run to run.
 The CPU tests use vLLM 0.26's real EngineArgs; nothing here starts an engine without GPUs.
 """
 
+import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -229,6 +231,7 @@ def test_config_problems_accept_pinned_tp2(pinned_env, monkeypatch):
     )
     cfg.cache_config = SimpleNamespace(cache_dtype="auto")
     cfg.speculative_config = cfg.lora_config = None
+    cfg.additional_config = {}
     reasons = config_problems(cfg)
     assert len(reasons) == (0 if torch.cuda.is_available() else 1), reasons
 
@@ -239,10 +242,19 @@ def test_config_problems_accept_pinned_tp2(pinned_env, monkeypatch):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_tp2_alone_equals_batch_and_runs_repeat():
     """Two engines at tensor_parallel_size=2: each prompt alone = in a batch of 32, the batch
-    twice, and the second engine process = the first, bit for bit; vLLM's default differs."""
+    twice, and the second engine process = the first, bit for bit; vLLM's default differs.
+    This is `python -m det_backend.tp_demo` (small config, defaults); DET_RESULTS_DIR keeps its
+    result as tp_demo.json."""
+    from det_backend.demo import print_table
     from det_backend.tp_demo import compare_tp
 
     result = compare_tp("small", tensor_parallel_size=2, num_prompts=32, max_tokens=64, runs=2)
+    print_table(result)
+    if os.environ.get("DET_RESULTS_DIR"):
+        result["command"] = (
+            "DET_RESULTS_DIR=DIR python -m pytest -m multigpu tests/test_tensor_parallel.py"
+        )
+        Path(os.environ["DET_RESULTS_DIR"], "tp_demo.json").write_text(json.dumps(result, indent=2))
     det = [r for r in result["runs"] if r["backend"].startswith("det#")]
     (default,) = [r for r in result["runs"] if r["backend"].startswith("default#")]
     assert len(det) == 2
