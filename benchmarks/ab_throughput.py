@@ -3,11 +3,15 @@ weights, the same prompts for vLLM's default, `VLLM_BATCH_INVARIANT=1`, and det_
 
     python benchmarks/ab_throughput.py --out ab_throughput.json [--config llama-3-8b]
     python benchmarks/ab_throughput.py --plot ab_throughput.json     # the PNG next to it
+    python benchmarks/ab_throughput.py --backends default,det,det_fa3 --out ab_variants.json
 
 Workloads: 256 prompts of 64-512 tokens with 128 new tokens, and a decode-heavy one (64
 prompts, 1024 new). Each engine first runs a warm-up batch of other prompts, so the timed
 batch pays no JIT compile and misses the prefix cache like fresh traffic. identical_fraction:
 det_backend's prompts run alone vs the same prompts inside the timed batch (a subset, for time).
+`--backends` picks the engines (det_backend.demo.BACKENDS; `default` always runs, as the
+baseline): `det_fa3` is det_backend with DET_BACKEND_ATTENTION=fa3. Each det backend's fields
+are prefixed with its name (`det_tok_s`, `det_fa3_tok_s`, ...).
 """
 
 import argparse
@@ -15,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from det_backend.demo import BACKENDS as ENGINES
 from det_backend.demo import run_backends, vocab_size, workload
 
 BACKENDS = ("default", "vllm_batch_invariant", "det")
@@ -22,7 +27,17 @@ LABELS = {
     "default": "vLLM default",
     "vllm_batch_invariant": "VLLM_BATCH_INVARIANT=1",
     "det": "det_backend",
+    "det_fa3": "det_backend, fa3 variant",
 }
+
+
+def parse_backends(text: str) -> tuple[str, ...]:
+    """`default` first (the baseline every ratio divides by), then the rest in the given order."""
+    names = [b for b in text.split(",") if b]
+    unknown = [b for b in names if b not in ENGINES]
+    if unknown:
+        raise SystemExit(f"--backends: unknown {unknown}; choose from {sorted(ENGINES)}")
+    return ("default", *dict.fromkeys(b for b in names if b != "default"))
 
 
 def plot(data: dict, png: Path) -> None:
@@ -31,13 +46,14 @@ def plot(data: dict, png: Path) -> None:
 
     plt = pyplot()
     names = list(data["workloads"])
+    backends = data.get("backends", BACKENDS)  # results from before --backends: the three
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / len(BACKENDS)
-    for i, backend in enumerate(BACKENDS):
-        key = "default_tok_s" if backend == "default" else f"{backend}_tok_s"
+    width = 0.8 / len(backends)
+    for i, backend in enumerate(backends):
+        key = f"{backend}_tok_s"
         values = [data["workloads"][n][key] for n in names]
-        xs = [j + (i - 1) * width for j in range(len(names))]
-        ax.bar(xs, values, width, label=LABELS[backend])
+        xs = [j + (i - (len(backends) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, values, width, label=LABELS.get(backend, backend))
         for x, v, n in zip(xs, values, names, strict=True):
             ratio = v / data["workloads"][n]["default_tok_s"]
             ax.text(x, v, f"{ratio:.2f}x", ha="center", va="bottom", fontsize=8)
@@ -46,7 +62,7 @@ def plot(data: dict, png: Path) -> None:
     ax.set_title(f"end to end, {data['config']} shapes, {data['gpu']}, vLLM {data['vllm']}")
     top = max(w["default_tok_s"] for w in data["workloads"].values())
     ax.set_ylim(0, top * 1.3)
-    ax.legend(loc="upper center", ncol=3, fontsize=8)
+    ax.legend(loc="upper center", ncol=len(backends), fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
@@ -59,7 +75,11 @@ def main() -> None:
     parser.add_argument("--out", default="ab_throughput.json")
     parser.add_argument("--alone", type=int, default=16, help="det prompts also run alone")
     parser.add_argument("--plot", metavar="JSON", help="draw JSON's PNG next to it, run nothing")
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help="comma-separated engines (default first)"
+    )
     args = parser.parse_args()
+    backends = parse_backends(args.backends)
     if args.plot:
         plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
         return
@@ -68,35 +88,44 @@ def main() -> None:
         workload("prefill_mix", 256, 128, args.alone, vocab),
         workload("decode_heavy", 64, 1024, max(1, args.alone // 8), vocab),
     ]
-    result = run_backends(args.config, workloads, BACKENDS, alone_backends=("det",))
-    summary = {"config": args.config, "command": " ".join(["python", *sys.argv]), "workloads": {}}
+    dets = tuple(b for b in backends if b.startswith("det"))
+    result = run_backends(args.config, workloads, backends, alone_backends=dets)
+    summary = {
+        "config": args.config,
+        "command": " ".join(["python", *sys.argv]),
+        "backends": list(backends),
+        "workloads": {},
+    }
     for name, w in result["workloads"].items():
         runs = {r["backend"]: r for r in w["runs"]}
-        det, default = runs["det"], runs["default"]
-        summary["workloads"][name] = {
-            **{k: w[k] for k in ("num_prompts", "max_tokens", "prompt_lengths")},
-            "default_tok_s": default["tok_s"],
-            "vllm_batch_invariant_tok_s": runs["vllm_batch_invariant"]["tok_s"],
-            "det_tok_s": det["tok_s"],
-            "det_vs_default": det["tok_s"] / default["tok_s"],
-            "vllm_batch_invariant_vs_default": runs["vllm_batch_invariant"]["tok_s"]
-            / default["tok_s"],
-            "identical_fraction": det["identical_alone_vs_batch"] / det["prompts_alone"],
-            "identical_alone": f"{det['identical_alone_vs_batch']}/{det['prompts_alone']}",
-            "det_batch_repeat_identical": f"{det['identical_batch_repeat']}/{det['prompts_batch']}",
-            "runs": w["runs"],
-        }
-        summary["gpu"], summary["vllm"] = det["gpu"], det["vllm"]
-        print(
-            f"{name}: default {default['tok_s']:.0f} tok/s, vLLM batch-invariant "
-            f"{runs['vllm_batch_invariant']['tok_s']:.0f}, det {det['tok_s']:.0f} "
-            f"({det['tok_s'] / default['tok_s']:.2f}x), det alone = batch "
-            f"{summary['workloads'][name]['identical_alone']}"
-        )
+        default = runs["default"]
+        entry = {k: w[k] for k in ("num_prompts", "max_tokens", "prompt_lengths")}
+        line = [f"{name}: default {default['tok_s']:.0f} tok/s"]
+        for b in backends:
+            entry[f"{b}_tok_s"] = runs[b]["tok_s"]
+            if b == "default":
+                continue
+            entry[f"{b}_vs_default"] = runs[b]["tok_s"] / default["tok_s"]
+            line.append(f"{b} {runs[b]['tok_s']:.0f} ({entry[f'{b}_vs_default']:.2f}x)")
+        for b in dets:
+            r = runs[b]
+            # det's keys keep their first names (identical_fraction, ...); others get a prefix.
+            pre = "" if b == "det" else f"{b}_"
+            entry[f"{pre}identical_fraction"] = r["identical_alone_vs_batch"] / r["prompts_alone"]
+            entry[f"{pre}identical_alone"] = f"{r['identical_alone_vs_batch']}/{r['prompts_alone']}"
+            entry[f"{b}_batch_repeat_identical"] = (
+                f"{r['identical_batch_repeat']}/{r['prompts_batch']}"
+            )
+            line.append(f"{b} alone = batch {entry[f'{pre}identical_alone']}")
+        entry["runs"] = w["runs"]
+        summary["workloads"][name] = entry
+        summary["gpu"], summary["vllm"] = default["gpu"], default["vllm"]
+        print(", ".join(line), flush=True)
     # The issue's headline fields: the first (prefill_mix) workload.
     head = summary["workloads"][workloads[0]["name"]]
     for key in ("default_tok_s", "vllm_batch_invariant_tok_s", "det_tok_s", "identical_fraction"):
-        summary[key] = head[key]
+        if key in head:
+            summary[key] = head[key]
     Path(args.out).write_text(json.dumps(summary, indent=2))
     plot(summary, Path(args.out).with_suffix(".png"))
 

@@ -260,7 +260,8 @@ def _summary(result: dict) -> str:
         f"{result['prefill_geomean_speedup_vs_fa3']:.3f} (vs 64-row tile "
         f"x{result['prefill_tile_geomean_speedup']:.3f}); fa3 variant: decode "
         f"{result.get('det_fa3_decode_geomean_speedup_vs_fa3', float('nan')):.3f}, prefill "
-        f"{result.get('det_fa3_prefill_geomean_speedup_vs_fa3', float('nan')):.3f} on {result['gpu']}"
+        f"{result.get('det_fa3_prefill_geomean_speedup_vs_fa3', float('nan')):.3f} "
+        f"on {result['gpu']}"
     )
 
 

@@ -119,7 +119,9 @@ if [[ $what == *" tp "* ]]; then
   rc=$(( rc | ${PIPESTATUS[0]} ))
 fi
 if [[ $what == *" ab "* ]]; then
-  python3 "$REPO/benchmarks/ab_throughput.py" --out "$OUT/ab_throughput.json" > "$OUT/ab.log" 2>&1
+  # AB_BACKENDS: engines to compare, e.g. default,det,det_fa3 (default: default, vLLM BI, det).
+  python3 "$REPO/benchmarks/ab_throughput.py" ${AB_BACKENDS:+--backends "$AB_BACKENDS"} \
+    --out "$OUT/ab_throughput.json" > "$OUT/ab.log" 2>&1
   rc=$(( rc | $? )); grep -E "tok/s|Error|error" "$OUT/ab.log" | tail -20
 fi
 exit $rc

@@ -33,3 +33,62 @@ def test_speedup_summary_geomean_and_min(monkeypatch):
 def test_speedup_line_names_the_baseline_and_gpu():
     result = {"geomean_speedup_vs_vllm": 0.9712, "min_speedup_vs_vllm": 0.25, "gpu": "G"}
     assert harness.speedup_line(result) == "geomean speed-up vs vllm 0.971, min 0.250 on G"
+
+
+def _fake_run(backend: str, tok_s: float, alone: int = 0) -> dict:
+    return {
+        "backend": backend,
+        "tok_s": tok_s,
+        "prompts_alone": alone,
+        "identical_alone_vs_batch": alone,
+        "identical_batch_repeat": 8,
+        "prompts_batch": 8,
+        "gpu": "G",
+        "vllm": "0.26.0",
+    }
+
+
+def test_ab_throughput_backends_and_fields(monkeypatch, tmp_path):
+    """--backends puts the default first; every engine gets <name>_tok_s and a ratio to the
+    default; det keeps its first field names and det_fa3's are prefixed."""
+    ab = pytest.importorskip("ab_throughput")
+    assert ab.parse_backends("det_fa3,det") == ("default", "det_fa3", "det")
+    assert ab.parse_backends("default,det,det") == ("default", "det")
+    with pytest.raises(SystemExit, match="unknown"):
+        ab.parse_backends("det,flashinfer")
+    speeds = {"default": 100.0, "det": 90.0, "det_fa3": 95.0}
+    calls = {}
+
+    def fake_run_backends(config, workloads, backends, alone_backends):
+        calls["backends"], calls["alone"] = backends, alone_backends
+        return {
+            "workloads": {
+                w["name"]: {
+                    "num_prompts": len(w["prompts"]),
+                    "max_tokens": w["max_tokens"],
+                    "prompt_lengths": w["prompt_lengths"],
+                    "runs": [
+                        _fake_run(b, speeds[b], 4 if b in alone_backends else 0) for b in backends
+                    ],
+                }
+                for w in workloads
+            }
+        }
+
+    monkeypatch.setattr(ab, "run_backends", fake_run_backends)
+    monkeypatch.setattr(ab, "vocab_size", lambda config: 1000)
+    out = tmp_path / "ab.json"
+    monkeypatch.setattr(sys, "argv", ["ab", "--backends", "det,det_fa3", "--out", str(out)])
+    ab.main()
+    import json
+
+    data = json.loads(out.read_text())
+    assert calls["backends"] == ("default", "det", "det_fa3") and calls["alone"] == (
+        "det",
+        "det_fa3",
+    )
+    w = data["workloads"]["prefill_mix"]
+    assert w["det_vs_default"] == 0.9 and w["det_fa3_vs_default"] == 0.95
+    assert w["identical_fraction"] == 1.0 and w["det_fa3_identical_alone"] == "4/4"
+    assert data["det_tok_s"] == 90.0 and "vllm_batch_invariant_tok_s" not in data
+    assert out.with_suffix(".png").exists()
