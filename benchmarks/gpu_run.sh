@@ -42,8 +42,9 @@ what=" ${*:-all} "
 rc=0
 if [[ $what == *" kernels "* || $what == *" all "* ]]; then
   # KERNELS_K: a pytest -k expression choosing among the kernel tests (default: all).
-  python3 -m pytest -q -m "gpu and not slow" "$REPO/tests" -p no:cacheprovider --continue-on-collection-errors \
-    ${KERNELS_K:+-k "$KERNELS_K"} 2>&1 | tee "$OUT/kernels.log"
+  # -v: one line per test, so a call cut at its time limit still names what passed.
+  python3 -m pytest -v -m "gpu and not slow" "$REPO/tests" -p no:cacheprovider --continue-on-collection-errors \
+    ${KERNELS_K:+-k "$KERNELS_K"} 2>&1 | tee "$OUT/kernels.log" | grep -v -E " PASSED | SKIPPED |^$"
   rc=$(( rc | ${PIPESTATUS[0]} ))
 fi
 if [[ $what == *" fa3 "* ]]; then
