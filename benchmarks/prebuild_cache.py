@@ -163,6 +163,11 @@ def build(what: str, layers: str | None, max_m: int, out: Path, host_libtriton: 
 
     if what not in ("gemm", "gemm-sweep"):
         raise ValueError(f"--what {what!r}: one of gemm, gemm-sweep")
+    from det_backend.kernels import matmul as mm
+
+    # A kernel's key hashes its source: build from the sources this checkout will carry.
+    if Path(mm.__file__).read_bytes() != (REPO / "kernels" / "matmul.py").read_bytes():
+        raise SystemExit(f"det_backend imports {mm.__file__}, not {REPO}'s: install this checkout")
     out.mkdir(parents=True, exist_ok=True)
     knobs.cache.dir = str(out)
     start = time.perf_counter()
