@@ -229,7 +229,10 @@ def relocate(cache: Path) -> None:
     )
     here = key_sha256()
     verdict = (
-        "matches" if built_for == here else f"DIFFERS from the cache's {built_for}: expect misses"
+        "matches"
+        if built_for == here
+        else f"DIFFERS from the cache's {str(built_for)[:16]}: expect misses (rebuild with "
+        f"--host-libtriton {_libtriton_sha256()})"
     )
     print(
         f"prebuilt Triton cache {cache}: {cache_stats(cache)[0]} kernels, {moved} relocated; "
