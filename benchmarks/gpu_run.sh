@@ -38,6 +38,31 @@ export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 # Run from outside the checkout: its det_backend/ folder must not shadow the installed package.
 cd /tmp
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# A Triton cache prebuilt for sm_90 without a GPU (benchmarks/prebuild_cache.py), when carried:
+# copied somewhere writable (the carried copy may be read-only), its recorded absolute paths
+# pointed there, and used by every mode. After each mode, cache_report says how many kernels
+# that mode still compiled (misses, by name) and how many prebuilt ones it read (hits, from
+# access times: 0 hits with 0 misses means a noatime mount). Log: $OUT/triton_cache.txt.
+rm -f /tmp/.triton_cache_mark
+if [[ -d "$REPO/.triton_cache_sm90" ]]; then
+  export TRITON_CACHE_DIR=/tmp/triton_cache_sm90
+  rm -rf "$TRITON_CACHE_DIR" && cp -r "$REPO/.triton_cache_sm90" "$TRITON_CACHE_DIR"
+  chmod -R u+w "$TRITON_CACHE_DIR"
+  python3 "$REPO/benchmarks/prebuild_cache.py" --relocate "$TRITON_CACHE_DIR" 2>&1 | tee "$OUT/triton_cache.txt"
+  # Old access times, so that reading a prebuilt kernel updates them (relatime).
+  find "$TRITON_CACHE_DIR" -type f -exec touch -a -d 2000-01-01 {} +
+  touch /tmp/.triton_cache_mark
+fi
+cache_report() {
+  [[ -f /tmp/.triton_cache_mark ]] || return 0
+  local mark=/tmp/.triton_cache_mark new hits launchers
+  new=$(find "$TRITON_CACHE_DIR" -name '__grp__*.json' -newer "$mark" | sed 's/.*__grp__//; s/\.json$//' | sort | uniq -c | tr -s ' \n' ' ')
+  hits=$(find "$TRITON_CACHE_DIR" -name '*.cubin' -anewer "$mark" ! -newer "$mark" | wc -l)
+  launchers=$(find "$TRITON_CACHE_DIR" -name '__triton_launcher*' -newer "$mark" | wc -l)
+  echo "triton cache after $1: $(find "$TRITON_CACHE_DIR" -name '__grp__*.json' -newer "$mark" | wc -l) compiled here (misses:${new:- none}), $hits prebuilt read (hits), $launchers launchers built" \
+    | tee -a "$OUT/triton_cache.txt"
+  touch "$mark"
+}
 what=" ${*:-all} "
 rc=0
 if [[ $what == *" kernels "* || $what == *" all "* ]]; then
@@ -46,16 +71,19 @@ if [[ $what == *" kernels "* || $what == *" all "* ]]; then
   python3 -m pytest -v -m "gpu and not slow" "$REPO/tests" -p no:cacheprovider --continue-on-collection-errors \
     ${KERNELS_K:+-k "$KERNELS_K"} 2>&1 | tee "$OUT/kernels.log" | grep -v -E " PASSED | SKIPPED |^$"
   rc=$(( rc | ${PIPESTATUS[0]} ))
+  cache_report kernels
 fi
 if [[ $what == *" fa3 "* ]]; then
   python3 -m pytest -q "$REPO/tests/test_attention_fa3.py" "$REPO/tests/test_attention_variants.py" \
     -p no:cacheprovider 2>&1 | tee "$OUT/fa3.log" | tail -40
   rc=$(( rc | ${PIPESTATUS[0]} ))
+  cache_report fa3
 fi
 if [[ $what == *" smoke "* || $what == *" all "* ]]; then
   python3 -m det_backend.demo --config small --prompts 16 --max-tokens 32 --json "$OUT/smoke.json" \
     2>&1 | tee "$OUT/smoke.log" | tail -40
   rc=$(( rc | ${PIPESTATUS[0]} ))
+  cache_report smoke
 fi
 if [[ $what == *" e2e "* || $what == *" all "* ]]; then
   # E2E_K: a pytest -k expression choosing among the end-to-end tests (default: all).
@@ -63,21 +91,25 @@ if [[ $what == *" e2e "* || $what == *" all "* ]]; then
     ${E2E_K:+-k "$E2E_K"} 2>&1 \
     | tee "$OUT/e2e.log" | grep -v -E '^\s*$' | tail -60
   rc=$(( rc | ${PIPESTATUS[0]} ))
+  cache_report e2e
 fi
 if [[ $what == *" gemm-sweep "* ]]; then
   # GEMM_ARGS: more gemm.py arguments, e.g. --layers llama-3-8b:o,llama-3-8b:down (one call
   # per part keeps each under the per-command limit; gemm_table.py joins the parts).
   python3 "$REPO/benchmarks/gemm.py" --sweep ${GEMM_ARGS:-} --out "$OUT/gemm_sweep.json" > "$OUT/gemm_sweep.log" 2>&1
   rc=$(( rc | $? )); tail -5 "$OUT/gemm_sweep.log"
+  cache_report gemm-sweep
 fi
 if [[ $what == *" gemm "* ]]; then
   python3 "$REPO/benchmarks/gemm.py" --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" | tail -130
   rc=$(( rc | ${PIPESTATUS[0]} ))
+  cache_report gemm
 fi
 if [[ $what == *" matrix "* ]]; then
   DET_RESULTS_DIR="$OUT" python3 -m pytest -q -m slow "$REPO/tests/test_serve_matrix.py" \
     -p no:cacheprovider > "$OUT/matrix.log" 2>&1
   rc=$(( rc | $? )); tail -15 "$OUT/matrix.log"
+  cache_report matrix
 fi
 if [[ $what == *" seeded "* || $what == *" seeded-serve "* ]]; then
   # DET_MATRIX_PROMPTS: prompts per pass (default 64; four server starts fit one call).
@@ -86,6 +118,7 @@ if [[ $what == *" seeded "* || $what == *" seeded-serve "* ]]; then
     -p no:cacheprovider > "$OUT/seeded_serve.log" 2>&1
   rc=$(( rc | $? )); echo "seeded-serve: $(( SECONDS - start )) s" | tee -a "$OUT/seeded_times.txt"
   tail -15 "$OUT/seeded_serve.log"
+  cache_report seeded-serve
 fi
 if [[ $what == *" seeded "* || $what == *" seeded-offline "* ]]; then
   start=$SECONDS
@@ -94,16 +127,19 @@ if [[ $what == *" seeded "* || $what == *" seeded-offline "* ]]; then
     | tee "$OUT/seeded_offline.log" | grep -v -E '^\s*$' | tail -30
   rc=$(( rc | ${PIPESTATUS[0]} ))
   echo "seeded-offline: $(( SECONDS - start )) s" | tee -a "$OUT/seeded_times.txt"
+  cache_report seeded-offline
 fi
 if [[ $what == *" sampling-sweep "* ]]; then
   python3 "$REPO/benchmarks/sampling.py" --sweep --out "$OUT/sampling_sweep.json" \
     > "$OUT/sampling_sweep.log" 2>&1
   rc=$(( rc | $? )); tail -20 "$OUT/sampling_sweep.log"
+  cache_report sampling-sweep
 fi
 for bench in rmsnorm attention moe sampling; do
   if [[ $what == *" $bench "* ]]; then
     python3 "$REPO/benchmarks/$bench.py" --out "$OUT/$bench.json" > "$OUT/$bench.log" 2>&1
     rc=$(( rc | $? )); tail -4 "$OUT/$bench.log"
+    cache_report "$bench"
   fi
 done
 if [[ $what == *" tp "* ]]; then
@@ -118,11 +154,13 @@ if [[ $what == *" tp "* ]]; then
     "$REPO/tests/test_tp_invariance.py" "$REPO/tests/test_tensor_parallel.py" -p no:cacheprovider \
     2>&1 | tee "$OUT/tp_multigpu.log" | grep -E "identical|tensor_parallel_size|passed|failed|Error|^(det|default)" | tail -40
   rc=$(( rc | ${PIPESTATUS[0]} ))
+  cache_report tp
 fi
 if [[ $what == *" ab "* ]]; then
   # AB_BACKENDS: engines to compare, e.g. default,det,det_fa3 (default: default, vLLM BI, det).
   python3 "$REPO/benchmarks/ab_throughput.py" ${AB_BACKENDS:+--backends "$AB_BACKENDS"} \
     --out "$OUT/ab_throughput.json" > "$OUT/ab.log" 2>&1
   rc=$(( rc | $? )); grep -E "tok/s|Error|error" "$OUT/ab.log" | tail -20
+  cache_report ab
 fi
 exit $rc

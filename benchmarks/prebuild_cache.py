@@ -1,0 +1,275 @@
+"""Prebuild Triton's on-disk kernel cache for sm_90 (H100/H200) on a machine without a GPU, so
+that the lent GPU host loads each kernel instead of compiling it (JIT compiles took most of a
+GPU call: ~80 s per point of `gemm.py --sweep`).
+
+    python benchmarks/prebuild_cache.py --what gemm-sweep            # .triton_cache_sm90/
+    python benchmarks/prebuild_cache.py --what gemm --layers llama-3-8b:o,llama-3-8b:down
+    python benchmarks/prebuild_cache.py --relocate DIR               # on the host (gpu_run.sh)
+
+How: the real launchers run on CPU tensors while (1) Triton's active driver reports the target
+cuda:90 and (2) every `kernel[grid](...)` is a warm-up (compile, no launch). So each kernel is
+specialized by the JIT's own code (`JITFunction.run`: dtypes, 16-byte alignment of pointers,
+ints divisible by 16 or equal to 1, constexprs, num_warps/num_stages) and written by
+`triton.compile` under the key the host computes for the same launch. The matmul launcher's
+device queries answer for an H100/H200 (sm_90, 132 SMs: both have 132).
+
+What the host must share for its key to match ours (`triton.runtime.cache.get_cache_key`):
+- `triton_key()`: Triton's version, its Python sources and the bytes of `_C/libtriton.so`. The
+  sources and the bundled ptxas are identical in the cp311 and cp312 wheels of triton 3.6.0
+  (their RECORDs differ only in libtriton.so and proton), so for the host's Python 3.12 we
+  swap in the cp312 wheel's libtriton.so hash (`HOST_LIBTRITON_SHA256`). The host prints its
+  own key next to ours (`--relocate`), so a mismatch shows at once.
+- the backend hash: `ptxas --version` of the ptxas in the wheel (unless TRITON_PTXAS_PATH
+  is set) and the arch (90); nothing from the CUDA driver or libcuda.
+- the options (num_warps, num_stages, debug, ...) and the cache-invalidating TRITON_* env
+  vars, none set by gpu_run.sh.
+
+Triton's cache records each entry's files by absolute path (`__grp__*.json`), so a carried
+cache must be relocated before use: `--relocate DIR` rewrites those paths to DIR (gpu_run.sh
+does it). Launchers (`__triton_launcher.so`, one per signature) and `cuda_utils.so` are
+C extensions built for the host's Python and are still built there (about a second each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_DIR = REPO / ".triton_cache_sm90"
+MANIFEST = "prebuild.json"
+# sha256 of triton/_C/libtriton.so in triton-3.6.0-cp312-cp312-manylinux_2_27_x86_64
+# .manylinux_2_28_x86_64.whl (PyPI), the GPU host's Python 3.12 build.
+HOST_LIBTRITON_SHA256 = {
+    "3.6.0": "28daaa70a904e4f8add754e518533e8a69b94ab8b16431ce77d45f1f25282b87",
+}
+# H100 SXM and H200 both have 132 SMs; the TMA matmul's grid and NUM_PROGRAMS depend on it.
+SM90_SMS = 132
+
+
+def triton_key(host_libtriton: str | None = None) -> str:
+    """This process's triton_key(), the part of every cache key that depends on the Triton
+    build (and so on the Python version); with host_libtriton, the host's."""
+    from triton.runtime.cache import triton_key
+
+    key = triton_key()
+    return key.replace(_libtriton_sha256(), host_libtriton) if host_libtriton else key
+
+
+def key_sha256(host_libtriton: str | None = None) -> str:
+    return hashlib.sha256(triton_key(host_libtriton).encode()).hexdigest()
+
+
+def _libtriton_sha256() -> str:
+    import sysconfig
+
+    import triton
+
+    ext = sysconfig.get_config_var("EXT_SUFFIX").split(".")[-1]
+    path = Path(triton.__file__).parent / "_C" / f"libtriton.{ext}"
+    return hashlib.file_digest(path.open("rb"), "sha256").hexdigest()
+
+
+class _Sm90Driver:
+    """Just enough of a Triton driver for JITFunction.run to specialize and compile."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def compile_only_sm90(host_libtriton: str | None):
+    """Within: every Triton launch compiles for cuda:90 into the cache and launches nothing.
+    host_libtriton: sha256 of the host's libtriton.so, swapped into triton_key()."""
+    import triton.runtime.cache as tcache
+    from det_backend.kernels import matmul as mm
+    from triton import knobs
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    counts = {"compiled": 0, "hit": 0, "names": set()}
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit):
+        counts["hit" if cache_hit else "compiled"] += 1
+        counts["names"].add(metadata["name"])
+
+    run, key = JITFunction.run, tcache.triton_key
+    host_key = triton_key(host_libtriton)
+    saved = {n: getattr(mm, n) for n in ("_device_info", "gpu_family", "_INTERPRETER_PROGRAMS")}
+    active = driver._active  # None without a GPU; reset_active() would raise
+    driver.set_active(_Sm90Driver())
+    JITFunction.run = lambda self, *a, grid, warmup, **kw: run(
+        self, *a, grid=grid, warmup=True, **kw
+    )
+    tcache.triton_key = lambda: host_key
+    knobs.compilation.listener = listener
+    # CPU tensors take the launcher's non-CUDA branches: make those answer as an H100/H200.
+    mm._device_info = lambda index: ((9, 0), SM90_SMS)
+    mm.gpu_family = lambda device: mm.SM90
+    mm._INTERPRETER_PROGRAMS = SM90_SMS
+    try:
+        yield counts
+    finally:
+        for name, value in saved.items():
+            setattr(mm, name, value)
+        knobs.compilation.listener = None
+        tcache.triton_key = key
+        JITFunction.run = run
+        driver._active = active
+
+
+def gemm_launches(layers: str | None, sweep: bool, max_m: int):
+    """Every matmul call of benchmarks/gemm.py (table config per point, + candidates if sweep),
+    on CPU tensors shaped and sliced as gemm.py slices them (x_all[:m])."""
+    import torch
+    from det_backend.kernels.matmul import MATMUL_CANDIDATES, matmul
+    from gemm import M_VALUES, SHAPES, sweep_fits
+
+    wanted = set(layers.split(",")) if layers else None
+    for model, layer, n, k in SHAPES:
+        if wanted is not None and f"{model}:{layer}" not in wanted:
+            continue
+        # torch.empty: address space only, never touched (no launch reads it).
+        w = torch.empty(n, k, dtype=torch.bfloat16)
+        x_all = torch.empty(max_m, k, dtype=torch.bfloat16)
+        for m in (m for m in M_VALUES if m <= max_m):
+            x = x_all[:m]
+            yield f"{model}:{layer} M={m}", lambda x=x, w=w: matmul(x, w)
+            if sweep:
+                for cfg in (c for c in MATMUL_CANDIDATES if sweep_fits(c, m)):
+                    yield (
+                        f"{model}:{layer} M={m} {cfg}",
+                        lambda x=x, w=w, c=cfg: matmul(x, w, config=c),
+                    )
+
+
+def build(what: str, layers: str | None, max_m: int, out: Path, host_libtriton: str | None):
+    import triton
+    from triton import knobs
+
+    if what not in ("gemm", "gemm-sweep"):
+        raise ValueError(f"--what {what!r}: one of gemm, gemm-sweep")
+    from det_backend.kernels import matmul as mm
+
+    # A kernel's key hashes its source: build from the sources this checkout will carry.
+    if Path(mm.__file__).read_bytes() != (REPO / "kernels" / "matmul.py").read_bytes():
+        raise SystemExit(f"det_backend imports {mm.__file__}, not {REPO}'s: install this checkout")
+    out.mkdir(parents=True, exist_ok=True)
+    knobs.cache.dir = str(out)
+    start = time.perf_counter()
+    errors = {}
+    with compile_only_sm90(host_libtriton) as counts:
+        for label, launch in gemm_launches(layers, what == "gemm-sweep", max_m):
+            try:
+                launch()
+            except Exception as e:  # gemm.py records such a config as an error, so do we
+                errors[label] = f"{type(e).__name__}: {str(e)[:200]}"
+    seconds = time.perf_counter() - start
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"builds": []}
+    manifest["triton"] = triton.__version__
+    manifest["host_triton_key_sha256"] = key_sha256(host_libtriton)
+    manifest["builds"].append(
+        {
+            "what": what,
+            "layers": layers,
+            "max_m": max_m,
+            "compiled": counts["compiled"],
+            "already_cached": counts["hit"],
+            "kernels": sorted(counts["names"]),
+            "errors": errors,
+            "seconds": round(seconds, 1),
+        }
+    )
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    entries, size = cache_stats(out)
+    print(
+        f"{what}: {counts['compiled']} compiled, {counts['hit']} already cached, "
+        f"{len(errors)} errors, {seconds:.0f} s; {out}: {entries} kernels, {size / 2**20:.1f} MiB"
+    )
+    for label, err in errors.items():
+        print(f"  error {label}: {err}")
+
+
+def cache_stats(cache: Path) -> tuple[int, int]:
+    """(kernel entries, bytes) of a Triton cache directory."""
+    entries = sum(1 for _ in cache.glob("*/__grp__*.json"))
+    size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    return entries, size
+
+
+def relocate(cache: Path) -> None:
+    """Point every entry's group file at `cache` (Triton stores absolute paths), then say
+    whether this host's Triton computes the key the cache was built for."""
+    moved = 0
+    for grp in cache.glob("*/__grp__*.json"):
+        data = json.loads(grp.read_text())
+        paths = data.get("child_paths", {})
+        new = {name: str(grp.parent / Path(p).name) for name, p in paths.items()}
+        if new != paths:
+            grp.write_text(json.dumps({"child_paths": new}))
+            moved += 1
+    manifest = cache / MANIFEST
+    built_for = (
+        json.loads(manifest.read_text())["host_triton_key_sha256"] if manifest.exists() else None
+    )
+    here = key_sha256()
+    verdict = (
+        "matches"
+        if built_for == here
+        else f"DIFFERS from the cache's {str(built_for)[:16]}: expect misses (rebuild with "
+        f"--host-libtriton {_libtriton_sha256()})"
+    )
+    print(
+        f"prebuilt Triton cache {cache}: {cache_stats(cache)[0]} kernels, {moved} relocated; "
+        f"this host's triton_key {here[:16]} {verdict}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--what", default="gemm-sweep", help="gemm (the table) or gemm-sweep")
+    parser.add_argument("--layers", help="comma-separated model:layer of gemm.py (default all)")
+    parser.add_argument("--max-m", type=int, default=8192)
+    parser.add_argument("--out", type=Path, default=CACHE_DIR)
+    parser.add_argument(
+        "--host-libtriton",
+        default="auto",
+        help="sha256 of the host's libtriton.so ('auto': the cp312 wheel's; 'local': this one's)",
+    )
+    parser.add_argument("--relocate", type=Path, help="on the host: fix a carried cache's paths")
+    args = parser.parse_args()
+    if args.relocate:
+        relocate(args.relocate)
+        return
+    import triton
+
+    host = {"auto": HOST_LIBTRITON_SHA256.get(triton.__version__), "local": None}.get(
+        args.host_libtriton, args.host_libtriton
+    )
+    if args.host_libtriton == "auto" and host is None:
+        raise SystemExit(f"no host libtriton.so hash for triton {triton.__version__}; pass one")
+    if os.environ.get("TRITON_INTERPRET"):
+        raise SystemExit("prebuild_cache.py compiles for sm_90: unset TRITON_INTERPRET")
+    sys.path.insert(0, str(Path(__file__).parent))
+    build(args.what, args.layers, args.max_m, args.out, host)
+
+
+if __name__ == "__main__":
+    main()
