@@ -27,6 +27,7 @@ could never enter a table.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from harness import bench, copy_bandwidth, geomean, graphed, main, pyplot, run_info
@@ -108,6 +109,7 @@ def run(sweep: bool, max_m: int, layers: str | None, out: Path, eager: bool = Fa
         x_all = torch.randn(max_m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
         for m in (m for m in M_VALUES if m <= max_m):
             x = x_all[:m]
+            start = time.perf_counter()
             ours = matmul(x, w)
             point = {
                 "model": model,
@@ -127,11 +129,15 @@ def run(sweep: bool, max_m: int, layers: str | None, out: Path, eager: bool = Fa
             if sweep:
                 fits = [c for c in MATMUL_CANDIDATES if sweep_fits(c, m)]
                 point["candidates"] = sweep_point(x, w, ours, fits, timer)
+            # Wall time per point: an H200 sweep took ~80 s per point for 9-21 candidates that
+            # compile in ~20 s in all (benchmarks/prebuild_cache.py); this says where it goes.
+            point["wall_s"] = time.perf_counter() - start
             points.append(point)
             out.write_text(json.dumps({"partial": True, "points": points}))  # survives a timeout
             print(
                 f"{model:>10} {layer:>8} M={m:<5} ours {point['ours_ms']:.4f} ms  "
-                f"cuBLAS {point['cublas_ms']:.4f}  x{point['speedup_vs_cublas']:.2f}",
+                f"cuBLAS {point['cublas_ms']:.4f}  x{point['speedup_vs_cublas']:.2f}  "
+                f"({point['wall_s']:.1f} s)",
                 flush=True,
             )
     ratios = [p["speedup_vs_cublas"] for p in points]
