@@ -45,12 +45,15 @@ SPLIT_TARGET_PROGRAMS = 4096
 SPLIT_WORKSPACE_CAP_BYTES = 256 * 2**20
 # Rows (query tokens x query heads of one kv head) per program: 16 is the smallest tl.dot
 # accepts. Decode (one query token per request) puts one token in a program; prefill-heavy
-# batches use PREFILL_BLOCK_M rows to reuse each K/V tile across more rows.
+# batches use PREFILL_BLOCK_M rows to reuse each K/V tile across more rows. A mixed batch
+# launches its decodes apart (paged_attention_mixed), so no decode gets a prefill tile.
 DECODE_BLOCK_M = 16
 PREFILL_MIN_SEQLEN_Q = 64
 # Prefill tile: 128 rows (x head_size 128; 64 rows for 256), 8 warps, 3 stages, within what
-# Triton's fused-attention tutorial tunes over. The previous 64 rows, 4 warps, 2 stages is
-# benchmarks/attention.py's "ours_block_m64": not yet measured on a GPU, that run decides.
+# Triton's fused-attention tutorial tunes over. Against the previous 64 rows, 4 warps, 2 stages
+# (benchmarks/attention.py "ours_block_m64", H200, benchmarks/results/attention.json) it ties
+# at a 1k prefill (0.084 vs 0.083 ms) and wins at 4k (0.389 vs 0.423) and 16k (1.400 vs 1.558);
+# it lost only where 64 decodes shared its launch (mixed 1k: 0.454 vs 0.291, 4k: 0.724 vs 0.670).
 PREFILL_BLOCK_M = 128
 PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 3
@@ -577,6 +580,67 @@ def paged_attention(
             HEAD_SIZE=head_size, SEGMENT=kv_split_size,
             CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(max_num_segments)),
             num_warps=4, enable_fp_fusion=False,
+        )  # fmt: skip
+    return out
+
+
+def paged_attention_mixed(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    max_seqlen_q: int,
+    max_num_segments: int,
+    num_decodes: int,
+    num_decode_tokens: int,
+    decode_max_num_segments: int,
+    decode_max_seqlen_q: int = 1,
+    prefill_cu_seqlens_q: torch.Tensor | None = None,
+    prefill_block_q: int | None = None,
+    **kw,
+) -> torch.Tensor:
+    """`paged_attention` of a batch whose first num_decodes requests (num_decode_tokens query
+    tokens: cu_seqlens_q[num_decodes], read on the host) are decodes, as two launches: the
+    decodes with plan()'s decode tile (one token per program) and decode_max_num_segments,
+    the rest (prefills, chunked prefills) with the prefill tile and max_num_segments. The
+    launches cover disjoint requests and write disjoint rows of `out`, and a row's bits depend
+    neither on the tile nor on the other requests of its launch: the same bits as one launch.
+    One launch gives each decode a tile of PREFILL_BLOCK_M rows of which it fills G: the
+    split removes that waste.
+
+    Host ints only, no sync. Not for a CUDA graph, which would freeze this batch's split.
+    decode_max_seqlen_q >= every decode's query length; max_seqlen_q and max_num_segments bound
+    the prefill part. prefill_cu_seqlens_q = cu_seqlens_q[num_decodes:] - num_decode_tokens
+    (the kernel maps programs to requests from offsets that start at 0), which a caller may
+    compute once for every layer; else it is computed here. prefill_block_q forces the prefill
+    launch's query tile; other keywords go to both launches.
+    """
+    num_seqs = seq_lens.shape[0]
+    nd, ndt = num_decodes, num_decode_tokens
+    if not (0 <= nd <= num_seqs and 0 <= ndt <= q.shape[0]):
+        raise ValueError(
+            f"det_backend: num_decodes={nd}, num_decode_tokens={ndt} outside the batch "
+            f"({num_seqs} requests, {q.shape[0]} tokens)."
+        )
+    if nd > 0:
+        paged_attention(
+            q[:ndt], key_cache, value_cache, out[:ndt], cu_seqlens_q[: nd + 1], seq_lens[:nd],
+            block_table[:nd], scale, decode_max_seqlen_q, decode_max_num_segments, **kw,
+        )  # fmt: skip
+    if nd < num_seqs:
+        if nd == 0:
+            prefill_cu_seqlens_q = cu_seqlens_q
+        elif prefill_cu_seqlens_q is None:
+            prefill_cu_seqlens_q = cu_seqlens_q[nd:] - ndt
+        if prefill_block_q is not None:
+            kw = {**kw, "block_q": prefill_block_q}
+        paged_attention(
+            q[ndt:], key_cache, value_cache, out[ndt:], prefill_cu_seqlens_q, seq_lens[nd:],
+            block_table[nd:], scale, max_seqlen_q, max_num_segments, **kw,
         )  # fmt: skip
     return out
 

@@ -23,6 +23,7 @@ from det_backend.kernels.attention import (
     _merge_segments_kernel,
     _paged_attention_kernel,
     paged_attention,
+    paged_attention_mixed,
     plan,
 )
 
@@ -199,6 +200,58 @@ def test_attention_past_the_bound_is_nan(device):
             assert low[rows].isnan().all(), f"request {b} past the bound"
         else:
             assert_rows_equal(low[rows], full[rows], f"request {b} within the bound")
+
+
+# Decodes first, as vLLM orders a mixed batch (det_backend/backend.py), with contexts that
+# need fewer segments than the prefills' (3 vs 5 with CPU_SPLIT); then a prefill with context,
+# a pure prefill, a short chunk and a request with no tokens (vLLM's request padding).
+MIXED_DECODES_FIRST = [(1, 150), (1, 37), (1, 65), (40, 260), (70, 70), (5, 90), (0, 0)]
+
+
+def run_mixed(batch: Batch, num_decodes: int, decode_bound: int, bound: int, **kw):
+    """The launch the backend makes for a mixed batch: the first num_decodes requests with the
+    decode tile and decode_bound, the rest with the prefill tile and bound."""
+    cu, seq_lens = batch.metadata()
+    q_lens = [s[0] for s in batch.specs]
+    out = torch.full(batch.q.shape, float("nan"), dtype=EXACT, device=batch.q.device)
+    return paged_attention_mixed(
+        batch.q, batch.key_cache, batch.value_cache, out, cu, seq_lens, batch.block_table,
+        batch.scale, max(q_lens[num_decodes:], default=1), bound, num_decodes,
+        sum(q_lens[:num_decodes]), decode_bound, kv_split_size=CPU_SPLIT, **kw,
+    )  # fmt: skip
+
+
+def test_attention_mixed_launch_equals_one_launch(device):
+    """A mixed batch launched as decodes + prefills (each part with its own tile and bound)
+    gives the bits of one launch, wherever the split falls; padding rows are never written."""
+    specs = MIXED_DECODES_FIRST
+    batch = make_batch(specs, 8, 2, 64, torch.float16, device, seed=11, pad=3)
+    n = sum(s[0] for s in specs)
+    one = run(batch, CPU_SPLIT, split=False)  # bound from max_model_len: 5 segments
+    # One launch gives the decodes the prefill tile; apart, they get one token per program.
+    assert plan(n + 3, len(specs), 8, 2, 64, 70, 5).block_q == PREFILL_BLOCK_M // 4
+    assert plan(3, 3, 8, 2, 64, 1, 3).block_q == 1
+    cu = batch.metadata()[0]
+    for what, num_decodes, decode_bound, kw in (
+        ("decodes apart, own bounds, plan()'s modes (split)", 3, 3, {}),
+        ("prefill offsets given", 3, 9, dict(prefill_cu_seqlens_q=cu[3:] - 3, split=False)),
+        ("a decode with the prefills, 64-row tile", 2, 3, dict(prefill_block_q=16, split=False)),
+        ("no decode part", 0, 1, dict(split=False)),
+    ):
+        out = run_mixed(batch, num_decodes, decode_bound, 5, **kw)
+        assert_rows_equal(out[:n], one[:n], what)
+        assert out[n:].isnan().all(), f"{what}: padding rows written"
+    with pytest.raises(ValueError, match="num_decodes"):
+        run_mixed(batch, len(specs) + 1, 3, 5)
+
+
+def test_attention_mixed_launch_without_prefills(device):
+    """Zero prefills: only the decode launch runs; CUDA-graph padding rows stay unwritten."""
+    specs = MIXED_DECODES_FIRST[:3]
+    batch = make_batch(specs, 8, 2, 64, torch.float16, device, seed=12, pad=2)
+    out = run_mixed(batch, 3, 3, 3)
+    assert_rows_equal(out[:3], run(batch, CPU_SPLIT)[:3], "decodes alone")
+    assert out[3:].isnan().all()
 
 
 def test_plan_decode_uses_one_program_per_token():
