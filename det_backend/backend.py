@@ -29,13 +29,31 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
-from vllm.v1.attention.backends.utils import get_kv_cache_layout
+from vllm.v1.attention.backends.utils import get_kv_cache_layout, split_decodes_and_prefills
 from vllm.v1.attention.ops.triton_reshape_and_cache_flash import triton_reshape_and_cache_flash
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import fa3, mode, variants
 from .config import SUPPORTED_DTYPES, SUPPORTED_KV_CACHE_DTYPES, DeterminismError
-from .kernels.attention import KV_SPLIT_SIZE, paged_attention
+from .kernels.attention import KV_SPLIT_SIZE, paged_attention, paged_attention_mixed
+
+
+@dataclass
+class DetDecodePart:
+    """A mixed batch's leading decodes, which the triton variant launches apart from its
+    prefills (kernels/attention.py paged_attention_mixed): requests [0, num_decodes)."""
+
+    num_decodes: int
+    num_decode_tokens: int  # query tokens of the decodes: query_start_loc[num_decodes]
+    max_query_len: int
+    max_num_segments: int  # the decodes' own bound, from their max seq_len
+    # The prefills' query offsets from 0: query_start_loc[num_decodes:] - num_decode_tokens,
+    # computed once per step for every layer.
+    prefill_query_start_loc: torch.Tensor
+
+
+def _segments(max_seq_len: int) -> int:
+    return max(1, -(-max_seq_len // KV_SPLIT_SIZE))
 
 
 @dataclass
@@ -49,8 +67,11 @@ class DetAttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]
     # Bound on KV_SPLIT_SIZE segments per request: sizes the launch grid (kernels/attention.py
     # plan()). From this step's max_seq_len when the launch runs eagerly; from max_model_len
-    # when it is (or warms up) a full CUDA graph, which replays batches of any length.
+    # when it is (or warms up) a full CUDA graph, which replays batches of any length. With
+    # `decodes`, the bound of the requests after them.
     max_num_segments: int
+    # Set for a mixed batch of an eager step (triton variant): its decodes, launched apart.
+    decodes: DetDecodePart | None = None
 
 
 class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]):
@@ -59,6 +80,13 @@ class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]
     _cudagraph_support: ClassVar[AttentionCGSupport] = (
         AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     )
+    # Decodes first: vLLM 0.26's V1 runner moves requests with context and at most this many
+    # query tokens to the front of the batch (the minimum over its builders:
+    # gpu_model_runner.py:1106-1129, 7147-7165 -> v1/attention/backends/utils.py:665-742
+    # reorder_batch_to_split_decodes_and_prefills); the V2 runner puts requests of one query
+    # token first whatever the backend (gpu/model_runner.py:891, 1652-1658). Bits never depend
+    # on the order; a decode found after a prefill is launched with the prefills.
+    reorder_batch_threshold: int = 1
 
     def __init__(
         self,
@@ -70,6 +98,8 @@ class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         max_model_len = vllm_config.model_config.max_model_len
         self.max_num_segments = -(-max_model_len // KV_SPLIT_SIZE)
+        # fa3 launches any batch whole; only our kernel launches decodes apart.
+        self.launch_decodes_apart = variants.read_variant() == "triton"
 
     def build(
         self,
@@ -82,7 +112,39 @@ class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]
             return self._metadata(cm, self.max_num_segments)
         # max_seq_len is a host int that vLLM already holds (an upper bound on seq_lens:
         # gpu_model_runner.py:2298, gpu/model_states/default.py:164): no sync.
-        return self._metadata(cm, max(1, -(-cm.max_seq_len // KV_SPLIT_SIZE)))
+        md = self._metadata(cm, _segments(cm.max_seq_len))
+        if self.launch_decodes_apart and cm.max_query_len > self.reorder_batch_threshold:
+            self._split_decodes(cm, md)
+        return md
+
+    def _split_decodes(self, cm: CommonAttentionMetadata, md: DetAttentionMetadata) -> None:
+        """Mixed batch: give its leading decodes their own launch and bound. Host data only:
+        split_decodes_and_prefills reads query_start_loc_cpu (v1/attention/backends/utils.py:
+        564-634, as FlashInfer's builder does, flashinfer.py:1125-1131), and each part's bound
+        comes from seq_lens_cpu_upper_bound (v1/attention/backend.py:464-468: exact but for
+        async spec decode, which det_backend refuses, where it stays an upper bound), which
+        both runners fill (gpu_model_runner.py:2343-2344, 2407; gpu/model_states/default.py:
+        159, 188); else from max_seq_len."""
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
+            cm, decode_threshold=self.reorder_batch_threshold
+        )
+        if num_decodes == 0 or num_prefills == 0:
+            return
+        upper = cm.seq_lens_cpu_upper_bound
+        if upper is None:
+            decode_len = prefill_len = cm.max_seq_len
+        else:
+            decode_len = int(upper[:num_decodes].max())
+            # Past num_prefills: request padding (no query tokens), which only raises the bound.
+            prefill_len = int(upper[num_decodes : cm.num_reqs].max())
+        md.max_num_segments = _segments(prefill_len)
+        md.decodes = DetDecodePart(
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
+            max_query_len=self.reorder_batch_threshold,
+            max_num_segments=_segments(decode_len),
+            prefill_query_start_loc=cm.query_start_loc[num_decodes:] - num_decode_tokens,
+        )
 
     def build_for_cudagraph_capture(
         self, common_attn_metadata: CommonAttentionMetadata
@@ -271,17 +333,29 @@ class DetAttentionImpl(AttentionImpl[DetAttentionMetadata]):
                 softcap=self.logits_soft_cap,
             )
             return output
-        paged_attention(
-            query[:n],
-            key_cache,
-            value_cache,
-            output[:n],
+        args = dict(
             cu_seqlens_q=attn_metadata.query_start_loc,
             seq_lens=attn_metadata.seq_lens,
             block_table=attn_metadata.block_table,
             scale=self.scale,
             max_seqlen_q=attn_metadata.max_query_len,
             max_num_segments=attn_metadata.max_num_segments,
+        )
+        decodes = attn_metadata.decodes
+        if decodes is None:
+            paged_attention(query[:n], key_cache, value_cache, output[:n], **args)
+            return output
+        paged_attention_mixed(
+            query[:n],
+            key_cache,
+            value_cache,
+            output[:n],
+            **args,
+            num_decodes=decodes.num_decodes,
+            num_decode_tokens=decodes.num_decode_tokens,
+            decode_max_num_segments=decodes.max_num_segments,
+            decode_max_seqlen_q=decodes.max_query_len,
+            prefill_cu_seqlens_q=decodes.prefill_query_start_loc,
         )
         return output
 

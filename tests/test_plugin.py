@@ -188,14 +188,18 @@ def test_builder_bounds_segments_by_max_seq_len_except_for_full_graphs():
     )
     builder.vllm_config = SimpleNamespace(compilation_config=compilation)
     builder.max_num_segments = 64  # max_model_len 32768
+    builder.launch_decodes_apart = True
 
     def bound(num_tokens, max_query_len, max_seq_len, capture=False) -> int:
         cm = SimpleNamespace(
+            num_reqs=1,
             num_actual_tokens=num_tokens,
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
             query_start_loc=None,
+            query_start_loc_cpu=torch.tensor([0, num_tokens], dtype=torch.int32),
             seq_lens=None,
+            seq_lens_cpu_upper_bound=None,
             block_table_tensor=None,
             slot_mapping=None,
         )
@@ -213,6 +217,104 @@ def test_builder_bounds_segments_by_max_seq_len_except_for_full_graphs():
         assert bound(8, 1, 1000) == 2
         assert bound(8, 1, 0) == 1  # an empty dummy batch still launches a valid grid
     assert bound(8, 1, 1000, capture=True) == 64
+
+
+def _mixed_builder(launch_decodes_apart: bool = True):
+    from vllm.config import CUDAGraphMode
+
+    from det_backend.backend import DetAttentionMetadataBuilder
+
+    builder = object.__new__(DetAttentionMetadataBuilder)  # no vLLM engine needed
+    compilation = SimpleNamespace(
+        cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE, max_cudagraph_capture_size=512
+    )
+    builder.vllm_config = SimpleNamespace(compilation_config=compilation)
+    builder.max_num_segments = 64  # max_model_len 32768
+    builder.launch_decodes_apart = launch_decodes_apart
+    return builder
+
+
+def _common_metadata(specs, pad_tokens=0, upper_bound=True, block_table=None, device="cpu"):
+    """CommonAttentionMetadata's fields as vLLM fills them for (q_len, seq_len) requests in
+    this order; pad_tokens past the last request (piecewise CUDA-graph padding)."""
+    q_lens = torch.tensor([q for q, _ in specs], dtype=torch.int32)
+    cu = torch.zeros(len(specs) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(q_lens, 0)
+    seq_lens = torch.tensor([s for _, s in specs], dtype=torch.int32)
+    return SimpleNamespace(
+        num_reqs=len(specs),
+        num_actual_tokens=int(cu[-1]) + pad_tokens,
+        max_query_len=int(q_lens.max()),
+        max_seq_len=int(seq_lens.max()),
+        query_start_loc=cu.to(device),
+        query_start_loc_cpu=cu,
+        seq_lens=seq_lens.to(device),
+        seq_lens_cpu_upper_bound=seq_lens if upper_bound else None,
+        block_table_tensor=block_table,
+        slot_mapping=None,
+    )
+
+
+def test_builder_launches_mixed_batch_decodes_apart():
+    """A mixed batch, decodes first (as vLLM orders it: reorder_batch_threshold), gets its
+    decodes as a part of their own with their own bound, from host data; everything else
+    stays one launch: pure decode (so full CUDA graphs), pure prefill, a decode that comes
+    after a prefill, the fa3 variant and CUDA-graph capture."""
+    from det_backend.backend import DetAttentionMetadataBuilder
+
+    assert DetAttentionMetadataBuilder.reorder_batch_threshold == 1
+    builder = _mixed_builder()
+    # Decodes up to 1025 positions (3 segments of 512), prefills up to 2000 (4), padding.
+    mixed = [(1, 100), (1, 1025), (1, 700), (200, 2000), (50, 50), (0, 0)]
+    md = builder.build(0, _common_metadata(mixed, pad_tokens=5))
+    d = md.decodes
+    assert (d.num_decodes, d.num_decode_tokens, d.max_query_len) == (3, 3, 1)
+    assert (d.max_num_segments, md.max_num_segments, md.max_query_len) == (3, 4, 200)
+    assert d.prefill_query_start_loc.tolist() == [0, 200, 250, 250]
+    # Without the host upper bound both parts take the batch's max_seq_len.
+    md = builder.build(0, _common_metadata(mixed, upper_bound=False))
+    assert (md.decodes.max_num_segments, md.max_num_segments) == (4, 4)
+
+    for specs in ([(1, 100), (1, 1025)], [(200, 2000), (50, 50)], [(200, 2000), (1, 100)]):
+        md = builder.build(0, _common_metadata(specs))
+        assert md.decodes is None, specs
+        assert md.max_num_segments == (64 if specs[0][0] == 1 else 4), specs
+    assert _mixed_builder(False).build(0, _common_metadata(mixed)).decodes is None
+    assert builder.build_for_cudagraph_capture(_common_metadata(mixed)).decodes is None
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")  # interpreter
+def test_impl_forward_mixed_batch_equals_one_launch(device):
+    """DetAttentionImpl.forward on the builder's metadata for a mixed batch (two launches)
+    gives the bits of one launch, and leaves the padding rows alone."""
+    import dataclasses
+
+    from det_backend.backend import DetAttentionImpl
+
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, head_size, block_size = 4, 2, 64, 16
+    specs = [(1, 40), (1, 90), (70, 100), (20, 20), (0, 0)]
+    pad = 3
+    num_blocks = sum(-(-s // block_size) for _, s in specs) + 2
+    kv_cache = torch.randn(num_blocks, kv_heads, block_size, 2 * head_size, generator=gen)
+    kv_cache = kv_cache.half().to(device)  # vLLM's layout: [blocks, kv_heads, slot, K | V]
+    # Requests may share blocks: the cache is only read.
+    block_table = torch.randint(0, num_blocks, (len(specs), 7), generator=gen)
+    cm = _common_metadata(specs, pad, block_table=block_table.int().to(device), device=device)
+    md = _mixed_builder().build(0, cm)
+    assert md.decodes is not None and md.decodes.num_decodes == 2
+    one = dataclasses.replace(md, decodes=None, max_num_segments=64)
+    impl = object.__new__(DetAttentionImpl)
+    impl.variant, impl.head_size, impl.scale = "triton", head_size, head_size**-0.5
+    query = torch.randn(cm.num_actual_tokens, heads, head_size, generator=gen).half().to(device)
+    outs = []
+    for metadata in (md, one):
+        out = torch.full_like(query, float("nan"))
+        impl.forward(None, query, None, None, kv_cache, metadata, out)
+        outs.append(out)
+    n = int(cm.query_start_loc_cpu[-1])
+    assert torch.equal(outs[0][:n], outs[1][:n]) and not outs[0][:n].isnan().any()
+    assert outs[0][n:].isnan().all()
 
 
 def test_backend_validate_configuration_rejects_what_vllm_checks(monkeypatch):
