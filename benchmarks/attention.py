@@ -9,13 +9,18 @@ Variants: `ours` = triton (kernels/attention.py), `det_fa3` = the fa3 variant
 (det_backend/fa3.py: vLLM's FA3 pinned to one split and its prefill kernel).
 
 Workloads: decode (batch 1..256, context 512..32k) and prefill (1k..16k new tokens, alone
-and mixed with 64 decodes). Speed-up = FA3 default time / ours. "ours" is an eager launch with
-the grid sized from the batch's real max_seq_len, as the backend launches prefill and mixed
-batches. Decode also runs as vLLM runs it, replayed from a CUDA graph: ours with the grid
-sized from MAX_MODEL_LEN (what a graph captured once must allow), against FA3 replayed the
-same way ("graph_speedup_vs_fa3"). Prefill and mixed also time the previous prefill tile
-(64 rows, 4 warps, 2 stages: "ours_block_m64") against the current PREFILL_BLOCK_M tile.
-vLLM's Triton unified attention is not measured here yet.
+and mixed with 64 decodes, decodes first as vLLM orders a batch). Speed-up = FA3 default time
+/ ours. "ours" is the launch the backend makes in an eager step: one launch with the grid
+sized from the batch's real max_seq_len for decode and prefill; for mixed, the decodes apart
+from the prefills (paged_attention_mixed), each part sized from its own max_seq_len, with the
+prefills' query offsets computed beforehand (the backend does it once per step, not per
+layer). "ours_one_launch" is the whole mixed batch in one launch (the backend before this
+split: "mixed_split_speedup"). Decode also runs as vLLM runs it, replayed from a CUDA graph:
+ours with the grid sized from MAX_MODEL_LEN (what a graph captured once must allow), against
+FA3 replayed the same way ("graph_speedup_vs_fa3"). Prefill and mixed also time the previous
+prefill tile (64 rows, 4 warps, 2 stages: "ours_block_m64", in the same launches as "ours")
+against the current PREFILL_BLOCK_M tile. vLLM's Triton unified attention is not measured
+here yet.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ def make_inputs(specs: list[tuple[int, int]], seed: int) -> dict:
         used += n
     cu = torch.zeros(len(specs) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor([q for q, _ in specs]), 0)
+    # The backend's split of a decodes-first batch (det_backend/backend.py _split_decodes).
+    nd = next((i for i, (q, _) in enumerate(specs) if q > 1), len(specs))
     return {
         "q": torch.randn(num_tokens, Q_HEADS, HEAD, generator=gen, device=dev, dtype=dt),
         "out": torch.empty(num_tokens, Q_HEADS, HEAD, device=dev, dtype=dt),
@@ -61,11 +68,20 @@ def make_inputs(specs: list[tuple[int, int]], seed: int) -> dict:
         "seq_lens": torch.tensor([s for _, s in specs], dtype=torch.int32, device=dev),
         "max_q": max(q for q, _ in specs),
         "max_k": max(s for _, s in specs),
+        "num_decodes": nd,
+        "num_decode_tokens": int(cu[nd]),
+        "decode_max_k": max((s for _, s in specs[:nd]), default=1),
+        "prefill_max_k": max((s for _, s in specs[nd:]), default=1),
+        "prefill_cu": (cu[nd:] - cu[nd]).to(dev),
     }
 
 
 def providers(t: dict, kind: str) -> dict:
-    from det_backend.kernels.attention import KV_SPLIT_SIZE, paged_attention
+    from det_backend.kernels.attention import (
+        KV_SPLIT_SIZE,
+        paged_attention,
+        paged_attention_mixed,
+    )
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     from det_backend.fa3 import fa3_paged_attention
@@ -104,9 +120,31 @@ def providers(t: dict, kind: str) -> dict:
             block_q=block_q,
         )
 
-    real_bound = math.ceil(t["max_k"] / KV_SPLIT_SIZE)
+    def segments(max_k: int) -> int:
+        return math.ceil(max_k / KV_SPLIT_SIZE)
+
+    def ours_mixed(prefill_block_q: int | None = None):
+        return lambda: paged_attention_mixed(
+            t["q"],
+            t["k"],
+            t["v"],
+            t["out"],
+            t["cu"],
+            t["seq_lens"],
+            t["table"],
+            scale,
+            t["max_q"],
+            segments(t["prefill_max_k"]),
+            t["num_decodes"],
+            t["num_decode_tokens"],
+            segments(t["decode_max_k"]),
+            prefill_cu_seqlens_q=t["prefill_cu"],
+            prefill_block_q=prefill_block_q,
+        )
+
+    real_bound = segments(t["max_k"])
     fns = {
-        "ours": ours(real_bound),
+        "ours": ours(real_bound) if kind == "decode" else ours_mixed(),
         # The fa3 variant (DET_BACKEND_ATTENTION=fa3): FA3 pinned to one split.
         "det_fa3": lambda: fa3_paged_attention(
             t["q"],
@@ -128,7 +166,9 @@ def providers(t: dict, kind: str) -> dict:
         fns["fa3_graph"] = graphed(fa3(0))
     else:
         # 64 rows of G = 4 query heads: the tile before PREFILL_BLOCK_M.
-        fns["ours_block_m64"] = ours(real_bound, block_q=64 // (Q_HEADS // KV_HEADS))
+        fns["ours_block_m64"] = ours_mixed(prefill_block_q=64 // (Q_HEADS // KV_HEADS))
+    if kind == "mixed":
+        fns["ours_one_launch"] = ours(real_bound)
     return fns
 
 
@@ -156,6 +196,9 @@ def measure(kind: str, specs: list[tuple[int, int]], label: dict, bandwidth: flo
     else:
         p["prefill_tile_speedup"] = times["ours_block_m64"] / times["ours"]
         extra = f"  ours 64-row tile {times['ours_block_m64']:.3f}"
+    if kind == "mixed":
+        p["mixed_split_speedup"] = times["ours_one_launch"] / times["ours"]
+        extra += f"  one launch {times['ours_one_launch']:.3f}"
     print(
         f"{kind:>8} {label}  ours {times['ours']:.3f} ms  det_fa3 {times['det_fa3']:.3f}  "
         f"FA3 {times['fa3_default']:.3f}  FA3/1 {times['fa3_num_splits_1']:.3f}  "
@@ -178,7 +221,7 @@ def run() -> dict:
         points.append(measure("prefill", prompts, {"tokens": tokens, "decodes": 0}, bandwidth))
         points.append(
             measure(
-                "mixed", prompts + [(1, 2048)] * 64, {"tokens": tokens, "decodes": 64}, bandwidth
+                "mixed", [(1, 2048)] * 64 + prompts, {"tokens": tokens, "decodes": 64}, bandwidth
             )
         )
     decode = [p for p in points if p["kind"] == "decode"]
@@ -193,6 +236,9 @@ def run() -> dict:
         "decode_graph_geomean_speedup_vs_fa3": geomean([p["graph_speedup_vs_fa3"] for p in decode]),
         "prefill_geomean_speedup_vs_fa3": geomean([p["speedup_vs_fa3"] for p in prefill]),
         "prefill_tile_geomean_speedup": geomean([p["prefill_tile_speedup"] for p in prefill]),
+        "mixed_split_geomean_speedup": geomean(
+            [p["mixed_split_speedup"] for p in prefill if p["kind"] == "mixed"]
+        ),
         "det_fa3_decode_geomean_speedup_vs_fa3": geomean(
             [p["det_fa3_speedup_vs_fa3"] for p in decode]
         ),
@@ -258,7 +304,8 @@ def _summary(result: dict) -> str:
         f"decode geomean vs FA3 {result['decode_geomean_speedup_vs_fa3']:.3f} (CUDA graphs "
         f"{result['decode_graph_geomean_speedup_vs_fa3']:.3f}), prefill "
         f"{result['prefill_geomean_speedup_vs_fa3']:.3f} (vs 64-row tile "
-        f"x{result['prefill_tile_geomean_speedup']:.3f}); fa3 variant: decode "
+        f"x{result['prefill_tile_geomean_speedup']:.3f}, mixed decodes apart vs one launch "
+        f"x{result.get('mixed_split_geomean_speedup', float('nan')):.3f}); fa3 variant: decode "
         f"{result.get('det_fa3_decode_geomean_speedup_vs_fa3', float('nan')):.3f}, prefill "
         f"{result.get('det_fa3_prefill_geomean_speedup_vs_fa3', float('nan')):.3f} "
         f"on {result['gpu']}"
