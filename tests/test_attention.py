@@ -208,7 +208,9 @@ def test_attention_past_the_bound_is_nan(device):
 MIXED_DECODES_FIRST = [(1, 150), (1, 37), (1, 65), (40, 260), (70, 70), (5, 90), (0, 0)]
 
 
-def run_mixed(batch: Batch, num_decodes: int, decode_bound: int, bound: int, **kw):
+def run_mixed(
+    batch: Batch, num_decodes: int, decode_bound: int, bound: int, kv_split_size=CPU_SPLIT, **kw
+):
     """The launch the backend makes for a mixed batch: the first num_decodes requests with the
     decode tile and decode_bound, the rest with the prefill tile and bound."""
     cu, seq_lens = batch.metadata()
@@ -217,7 +219,7 @@ def run_mixed(batch: Batch, num_decodes: int, decode_bound: int, bound: int, **k
     return paged_attention_mixed(
         batch.q, batch.key_cache, batch.value_cache, out, cu, seq_lens, batch.block_table,
         batch.scale, max(q_lens[num_decodes:], default=1), bound, num_decodes,
-        sum(q_lens[:num_decodes]), decode_bound, kv_split_size=CPU_SPLIT, **kw,
+        sum(q_lens[:num_decodes]), decode_bound, kv_split_size=kv_split_size, **kw,
     )  # fmt: skip
 
 
@@ -386,6 +388,14 @@ def test_attention_invariant_real_shapes(dtype, device):
         for block_q in (1, 4, 16, 32):
             out = run(batch, max_model_len=max_model_len, split=split, block_q=block_q)
             assert_rows_equal(out[:n], full[:n], f"split={split} block_q={block_q}")
+
+    # As the backend launches this mixed batch: the 64 decodes apart, each part with the bound
+    # from its own max_seq_len; the prefills with the prefill tile or the 64-row one.
+    decode_bound = true_max_segments(batch.subset(list(range(64))), KV_SPLIT_SIZE)
+    for prefill_block_q in (None, 16):
+        out = run_mixed(batch, 64, decode_bound, 8, KV_SPLIT_SIZE, prefill_block_q=prefill_block_q)
+        assert_rows_equal(out[:n], full[:n], f"decodes apart, prefill_block_q={prefill_block_q}")
+        assert out[n:].isnan().all()
 
     # The decodes alone, as vLLM launches them: grid from their real max_seq_len (eager) or
     # from a max_model_len of 4096 or 32768 (CUDA graph), and programs per segment group.
