@@ -77,8 +77,9 @@ class DetAttentionMetadata:
 class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]):
     # Launch grids depend only on the number of tokens and requests and on max_num_segments,
     # never on values in the metadata tensors, so pure-decode batches can be captured whole.
-    # A mixed batch's decode/prefill split comes from host data; with this support level vLLM
-    # never captures a mixed batch whole (its attention runs eagerly between graph pieces).
+    # A mixed batch's decode/prefill split comes from host data; below ALWAYS, vLLM never
+    # captures a mixed batch whole (config/compilation.py:1371-1396 turns a FULL mixed mode
+    # into FULL_AND_PIECEWISE or FULL_DECODE_ONLY): its attention runs eagerly.
     _cudagraph_support: ClassVar[AttentionCGSupport] = (
         AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     )
