@@ -86,7 +86,8 @@ if [[ $what == *" smoke "* || $what == *" all "* ]]; then
   cache_report smoke
 fi
 if [[ $what == *" e2e "* || $what == *" all "* ]]; then
-  # E2E_K: a pytest -k expression choosing among the end-to-end tests (default: all).
+  # E2E_K: a pytest -k expression choosing among the end-to-end tests (default: all), e.g.
+  # E2E_K=sliding: the sliding-window model (mistral-sw-4l) through the triton variant.
   DET_RESULTS_DIR="$OUT" python3 -m pytest -q -s -m slow "$REPO/tests/test_e2e.py" -p no:cacheprovider \
     ${E2E_K:+-k "$E2E_K"} 2>&1 \
     | tee "$OUT/e2e.log" | grep -v -E '^\s*$' | tail -60

@@ -251,6 +251,17 @@ class DetAttentionBackend(AttentionBackend):
     def supports_batch_invariance(cls) -> bool:
         return True
 
+    # vLLM's selector refuses sinks and sliding windows for a backend that does not claim
+    # them, with a message that names neither our variant nor why; claim them, and let the
+    # impl refuse them per variant (variants.layer_problems).
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
     @staticmethod
     def use_cascade_attention(*args, **kwargs) -> bool:
         return False
@@ -297,6 +308,20 @@ class DetAttentionImpl(AttentionImpl[DetAttentionMetadata]):
         self.head_size = head_size
         self.scale = float(scale)
         self.logits_soft_cap = float(logits_soft_cap or 0.0)
+        # As vLLM's FlashAttention impl: a query at position p sees keys in
+        # (p - sliding_window, p] (FA's window_left = sliding_window - 1).
+        self.sliding_window = sliding_window
+        # vLLM builds layers under its target-device context, so this lands on the GPU
+        # (vLLM's FlashAttention impl makes its slopes the same way).
+        self.alibi_slopes = (
+            None if alibi_slopes is None else torch.tensor(alibi_slopes, dtype=torch.float32)
+        )
+        # The layer's parameter, filled by weight loading after construction: keep the tensor.
+        self.sinks = sinks
+        if sinks is not None and sinks.shape != (num_heads,):
+            raise DeterminismError(
+                [f"attention sinks of shape {tuple(sinks.shape)}, not one per head ({num_heads})"]
+            )
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
@@ -343,6 +368,10 @@ class DetAttentionImpl(AttentionImpl[DetAttentionMetadata]):
             scale=self.scale,
             max_seqlen_q=attn_metadata.max_query_len,
             max_num_segments=attn_metadata.max_num_segments,
+            sliding_window=self.sliding_window,
+            softcap=self.logits_soft_cap,
+            alibi_slopes=self.alibi_slopes,
+            sinks=self.sinks,
         )
         decodes = attn_metadata.decodes
         if decodes is None:

@@ -28,6 +28,9 @@ CONFIGS = {
     # MoE shapes at full widths, 4 decoder layers (enough to test; quick to start).
     "mixtral-8x7b-4l": "mixtral-8x7b-4l.json",
     "qwen3-30b-a3b-4l": "qwen3-30b-a3b-4l.json",
+    # Mistral-7B-v0.1 widths, 4 layers, a 256-position sliding window: prompts of 64-512
+    # tokens plus 128 new ones run past it, so vLLM frees blocks behind the window.
+    "mistral-sw-4l": "mistral-sw-4l.json",
 }
 # name -> how its engine is made: attention backend, and environment for its process.
 BACKENDS = {

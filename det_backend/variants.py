@@ -30,10 +30,11 @@ DEFAULT = "triton"
 VARIANTS = ("triton", "fa3", "flashinfer")
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 HEAD_SIZES = {"triton": triton_attention.SUPPORTED_HEAD_SIZES, "fa3": fa3.SUPPORTED_HEAD_SIZES}
-_NOT_IN_KERNEL = "our kernel does not implement it"
 # Layer features each variant refuses, and why (ATTENTION_VARIANTS.md, question a for fa3).
+# triton takes all four: kernels/attention.py (window aligned to position 0, fp32 softcap and
+# ALiBi per score, sinks as the first state of the merge).
 REFUSED_FEATURES = {
-    "triton": dict.fromkeys(("alibi", "sliding_window", "softcap", "sinks"), _NOT_IN_KERNEL),
+    "triton": {},
     "fa3": {
         "sliding_window": "vLLM's FA3 starts a sliding-window tile's KV blocks at an offset set "
         "by the tile's first query row (hopper/block.h n_offset), so a token's bits would "

@@ -20,6 +20,17 @@ its prompt was chunked, on prefill vs decode, or on the launch mode):
   visible position is an exact identity (alpha = 1, or beta = 0): a program that visits more
   tiles than one of its rows needs leaves that row's bits alone, and so do phase 2's
   partials past a token's last segment (m = -inf, l = 0, acc = 0).
+- Model features keep all of this. Sliding window (a query at position p sees keys in
+  (p - window, p], vLLM's window_left = window - 1): a program starts at the tile and segment
+  holding its first row's window start; the grid stays aligned to position 0, and the tiles
+  or segments it skips (or visits for another row) are exact identities for a row, so a row's
+  reduction depends only on its position and the window. Keys before that start are never
+  loaded (vLLM frees their blocks). Logit softcap and ALiBi (slope_h * (key - query), which
+  depends on positions only) transform each score in fp32 before the mask. Attention sinks
+  (one logit per head in the softmax denominator, vLLM's and FA3's `s_aux`) are the initial
+  (m, l, acc) = (sink, 1, 0) of the final merge, in both launch modes.
+- Head sizes that are not powers of two (80, 96) run at the next power of two, with the
+  extra dims masked to zero: a fixed shape per head_size, so the same bits in every launch.
 - Which program computes a segment, how many query tokens share a program (BLOCK_Q) and
   the launch mode change no bits, so `plan()` may choose them from anything: shapes and the
   caller's bound on segments per request. Grids depend only on those, never on metadata
@@ -34,7 +45,7 @@ import triton
 import triton.language as tl
 
 KV_SPLIT_SIZE: int = 512
-SUPPORTED_HEAD_SIZES = (64, 128, 256)
+SUPPORTED_HEAD_SIZES = (64, 80, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # Split mode gives a few (query block, kv head) pairs several programs each, one per group of
 # segments; it pays a workspace and a second kernel, so it runs only when a pair would get at
@@ -61,6 +72,8 @@ PREFILL_NUM_STAGES = 3
 # loads overlap instead of costing one memory latency per segment.
 MERGE_CHUNK = 8
 LOG2E = 1.4426950408889634
+# The same constant inside kernels (a jit function reads module globals only as constexprs).
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
 
 
 def tile_n_for(head_size: int) -> int:
@@ -113,10 +126,54 @@ def _merge(M, L, ACC, m_s, l_s, acc_s):
 
 
 @triton.jit
+def _initial_state(sinks_ptr, head, head_ok, ROWS: tl.constexpr, HEAD_PAD: tl.constexpr,
+                   USE_SINKS: tl.constexpr):  # fmt: skip
+    """(M, L, ACC) before the first segment is merged, the same in both launch modes.
+
+    A sink is one more logit in each row's softmax denominator with no value: the state
+    (m, l, acc) = (sink, 1, 0), what `_merge` would make of (-inf, 0, 0) and that partial.
+    It comes first, so the segments that follow merge into it in the same order whatever
+    the launch; a segment a row sees nothing of stays an exact identity (alpha = 1)."""
+    if USE_SINKS:
+        M = tl.load(sinks_ptr + head, mask=head_ok, other=float("-inf")).to(tl.float32) * _LOG2E
+        L = tl.full([ROWS], 1.0, dtype=tl.float32)
+    else:
+        M = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        L = tl.zeros([ROWS], dtype=tl.float32)
+    ACC = tl.zeros([ROWS, HEAD_PAD], dtype=tl.float32)
+    return M, L, ACC
+
+
+@triton.jit
+def _feature_scores(
+    qk, pos, q_pos, slope, qk_scale, cap_scale, cap_log2, USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+):  # fmt: skip
+    """Scores in the log2 domain, fp32, in vLLM's order: scale, softcap, ALiBi (the mask
+    comes after). Elementwise, so a score's bits depend only on its q, k and positions."""
+    if USE_SOFTCAP:
+        # softcap * tanh(scale * qk / softcap), tanh(y) = sign(y) (1 - e) / (1 + e) with
+        # e = exp(-2|y|) <= 1: no overflow at any score (vLLM's exp(y) - exp(-y) overflows).
+        y = qk * cap_scale
+        e = tl.exp2(tl.abs(y) * (-2.0 * _LOG2E))
+        t = tl.div_rn(1.0 - e, 1.0 + e)
+        s = tl.where(y < 0, -t, t) * cap_log2
+    else:
+        s = qk * qk_scale
+    if USE_ALIBI:
+        # slope_h * (key - query): positions only, never the chunk's context length (vLLM's
+        # Triton kernel adds slope * (key - context_len), equal after softmax, but its bits
+        # would follow the chunking). Exact in fp32 below 2^24 positions.
+        s = tl.fma(slope[:, None], (pos[None, :] - q_pos[:, None]).to(tl.float32), s)
+    return s
+
+
+@triton.jit
 def _attend_segment(
-    q,  # [BLOCK_M, HEAD_SIZE], q dtype
+    q,  # [BLOCK_M, HEAD_PAD], q dtype
     q_pos,  # [BLOCK_M] absolute position of each row's token
     seg,
+    kv_start,  # first position any row of this program sees (its first row's window start)
     kv_end,  # one past the last position any row of this program sees
     seq_len,
     k_cache_ptr,
@@ -124,6 +181,10 @@ def _attend_segment(
     block_table_row_ptr,
     kv_head,
     qk_scale,
+    slope,  # [BLOCK_M] ALiBi slope of each row's head, log2 domain
+    window,
+    cap_scale,
+    cap_log2,
     stride_kb,
     stride_ks,
     stride_kh,
@@ -132,38 +193,60 @@ def _attend_segment(
     stride_vh,
     BLOCK_SIZE: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
     TILE_N: tl.constexpr,
     TILES_PER_SEGMENT: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
 ):
     """Online softmax over one segment's tiles, from a fresh state; returns unnormalised
-    (m, l, acc) in the log2 domain, fp32."""
+    (m, l, acc) in the log2 domain, fp32. Tiles before kv_start's are skipped: for every row
+    they hold no visible position, and such a tile is an exact identity (m stays, or stays
+    -inf with l = 0, acc = 0), so whether a program visits it changes no row's bits."""
     offs_n = tl.arange(0, TILE_N)
-    offs_d = tl.arange(0, HEAD_SIZE)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_ok = offs_d < HEAD_SIZE
     # p @ ones: a row sum whose order is fixed by the MMA, not by the register layout.
     ones = tl.full([TILE_N, 16], 1.0, dtype=q.dtype)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_SIZE], dtype=tl.float32)
-    tile_lo = seg * TILES_PER_SEGMENT
-    tile_hi = tl.minimum(tile_lo + TILES_PER_SEGMENT, tl.cdiv(kv_end, TILE_N))
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    tile_lo = tl.maximum(seg * TILES_PER_SEGMENT, kv_start // TILE_N)
+    tile_hi = tl.minimum((seg + 1) * TILES_PER_SEGMENT, tl.cdiv(kv_end, TILE_N))
     for t in range(tile_lo, tile_hi):
         pos = t * TILE_N + offs_n
-        # Slots at or past seq_len are unwritten (may hold NaN, and 0 * NaN poisons acc).
+        # Slots at or past seq_len are unwritten (may hold NaN, and 0 * NaN poisons acc);
+        # before kv_start, vLLM may have freed a sliding-window block (null block).
         in_seq = pos < seq_len
-        block = tl.load(block_table_row_ptr + pos // BLOCK_SIZE, mask=in_seq, other=0)
+        in_kv = in_seq & (pos >= kv_start)
+        block = tl.load(block_table_row_ptr + pos // BLOCK_SIZE, mask=in_kv, other=0)
         slot = pos % BLOCK_SIZE
         k_off = block.to(tl.int64) * stride_kb + slot * stride_ks + kv_head * stride_kh
         v_off = block.to(tl.int64) * stride_vb + slot * stride_vs + kv_head * stride_vh
-        k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        k_mask = in_kv[None, :] & d_ok[:, None]
+        k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None], mask=k_mask, other=0.0)
+        v_mask = in_kv[:, None] & d_ok[None, :]
+        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)
         qk = tl.dot(q, k)
         visible = (pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-        # scale > 0 commutes with max, so the max can be taken before scaling.
-        m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(tl.fma(qk, qk_scale, -m_ref[:, None])).to(q.dtype)
+        if USE_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        if USE_SOFTCAP or USE_ALIBI:
+            s = _feature_scores(
+                qk, pos, q_pos, slope, qk_scale, cap_scale, cap_log2, USE_SOFTCAP, USE_ALIBI
+            )
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_ref[:, None]).to(q.dtype)
+        else:
+            qk = tl.where(visible, qk, float("-inf"))
+            # scale > 0 commutes with max, so the max can be taken before scaling.
+            m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(tl.fma(qk, qk_scale, -m_ref[:, None])).to(q.dtype)
         alpha = tl.exp2(m - m_ref)
         l_i = tl.fma(l_i, alpha, tl.max(tl.dot(p, ones), 1))
         acc = tl.dot(p, v, acc * alpha[:, None])
@@ -199,6 +282,11 @@ def _paged_attention_kernel(
     stride_bt,
     stride_wt,
     stride_wh,
+    alibi_slopes_ptr,  # [H] fp32, USE_ALIBI only
+    sinks_ptr,  # [H], USE_SINKS only
+    window,  # sliding window, USE_WINDOW only
+    cap_scale,  # scale / softcap, USE_SOFTCAP only
+    cap_log2,  # softcap * log2(e), USE_SOFTCAP only
     NUM_Q_HEADS: tl.constexpr,
     G: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
@@ -208,11 +296,16 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SPLIT: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    USE_WINDOW: tl.constexpr = False,
+    USE_SOFTCAP: tl.constexpr = False,
+    USE_ALIBI: tl.constexpr = False,
+    USE_SINKS: tl.constexpr = False,
 ):
     """Grid (query blocks, kv heads[, P]). One program: BLOCK_Q tokens of one request x the G
-    query heads of one kv head. SPLIT: compute segments program_id(2) + k * P below
-    max_num_segments, write their partials. Otherwise: merge all segments the tile needs and
-    write the output."""
+    query heads of one kv head. SPLIT: compute segments program_id(2) + k * P from the first
+    one the program's window reaches, below max_num_segments, write their partials.
+    Otherwise: merge all segments the tile needs and write the output."""
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     # BLOCK_Q 1 (decode): one program per token, program i is token i.
@@ -230,15 +323,23 @@ def _paged_attention_kernel(
     context_len = seq_len - q_len
     kv_end = context_len + tl.minimum(q_len, (q_block_local + 1) * BLOCK_Q)
     num_segments = tl.cdiv(kv_end, TILES_PER_SEGMENT * TILE_N)
+    if USE_WINDOW:
+        # The first row's window start; later rows' windows start later. Segments before it
+        # hold no position any row sees.
+        kv_start = tl.maximum(context_len + q_block_local * BLOCK_Q - window + 1, 0)
+    else:
+        kv_start = 0
+    seg_lo = kv_start // (TILES_PER_SEGMENT * TILE_N)
     if SPLIT:
         # The workspace holds max_num_segments; a request past that bound (a caller error)
         # gets NaN from phase 2, never another request's partials.
         num_segments = tl.minimum(num_segments, max_num_segments)
-        if tl.program_id(2) >= num_segments:
+        if seg_lo + tl.program_id(2) >= num_segments:
             return
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_SIZE)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_ok = offs_d < HEAD_SIZE
     q_idx = q_block_local * BLOCK_Q + offs_m // G
     # Rows past BLOCK_Q * G pad BLOCK_M to a power of two when G is not one.
     row_ok = (offs_m < BLOCK_Q * G) & (q_idx < q_len)
@@ -246,19 +347,25 @@ def _paged_attention_kernel(
     head = kv_head * G + offs_m % G
     q = tl.load(
         q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None],
+        mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
     q_pos = context_len + q_idx
     block_table_row_ptr = block_table_ptr + seq_idx.to(tl.int64) * stride_bt
+    if USE_ALIBI:
+        slope = tl.load(alibi_slopes_ptr + head, mask=row_ok, other=0.0) * _LOG2E
+    else:
+        slope = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     if SPLIT:
         # Each segment from a fresh state: which program computes it changes no bits.
-        for seg in range(tl.program_id(2), num_segments, tl.num_programs(2)):
+        for seg in range(seg_lo + tl.program_id(2), num_segments, tl.num_programs(2)):
             m_s, l_s, acc_s = _attend_segment(
-                q, q_pos, seg, kv_end, seq_len, k_cache_ptr, v_cache_ptr, block_table_row_ptr,
-                kv_head, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                stride_vh, BLOCK_SIZE, HEAD_SIZE, TILE_N, TILES_PER_SEGMENT, BLOCK_M,
+                q, q_pos, seg, kv_start, kv_end, seq_len, k_cache_ptr, v_cache_ptr,
+                block_table_row_ptr, kv_head, qk_scale, slope, window, cap_scale, cap_log2,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+                HEAD_SIZE, HEAD_PAD, TILE_N, TILES_PER_SEGMENT, BLOCK_M, USE_WINDOW,
+                USE_SOFTCAP, USE_ALIBI,
             )  # fmt: skip
             ws_row = token * stride_wt + head * stride_wh + seg
             tl.store(ws_m_ptr + ws_row, m_s, mask=row_ok)
@@ -266,25 +373,25 @@ def _paged_attention_kernel(
             tl.store(
                 ws_acc_ptr + ws_row[:, None] * HEAD_SIZE + offs_d[None, :],
                 acc_s,
-                mask=row_ok[:, None],
+                mask=row_ok[:, None] & d_ok[None, :],
             )
     else:
-        M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        L = tl.zeros([BLOCK_M], dtype=tl.float32)
-        ACC = tl.zeros([BLOCK_M, HEAD_SIZE], dtype=tl.float32)
-        for seg in range(0, num_segments):
+        M, L, ACC = _initial_state(sinks_ptr, head, row_ok, BLOCK_M, HEAD_PAD, USE_SINKS)
+        for seg in range(seg_lo, num_segments):
             m_s, l_s, acc_s = _attend_segment(
-                q, q_pos, seg, kv_end, seq_len, k_cache_ptr, v_cache_ptr, block_table_row_ptr,
-                kv_head, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                stride_vh, BLOCK_SIZE, HEAD_SIZE, TILE_N, TILES_PER_SEGMENT, BLOCK_M,
+                q, q_pos, seg, kv_start, kv_end, seq_len, k_cache_ptr, v_cache_ptr,
+                block_table_row_ptr, kv_head, qk_scale, slope, window, cap_scale, cap_log2,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE,
+                HEAD_SIZE, HEAD_PAD, TILE_N, TILES_PER_SEGMENT, BLOCK_M, USE_WINDOW,
+                USE_SOFTCAP, USE_ALIBI,
             )  # fmt: skip
             M, L, ACC = _merge(M, L, ACC, m_s, l_s, acc_s)
-        # Every real row sees position 0, so L > 0; padding rows are not stored.
+        # Every real row sees its own position, so L > 0; padding rows are not stored.
         o = tl.div_rn(ACC, L[:, None])
         tl.store(
             out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             o.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None],
+            mask=row_ok[:, None] & d_ok[None, :],
         )
 
 
@@ -302,19 +409,26 @@ def _merge_segments_kernel(
     stride_oh,
     stride_wt,
     stride_wh,
+    sinks_ptr,  # [H], USE_SINKS only
+    window,  # sliding window, USE_WINDOW only
     NUM_Q_HEADS: tl.constexpr,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     SEGMENT: tl.constexpr,
     CHUNK: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    USE_WINDOW: tl.constexpr = False,
+    USE_SINKS: tl.constexpr = False,
 ):
     """Split phase 2, grid (tokens, kv heads): merge segments 0..pos // SEGMENT of one token's
     G query heads in increasing order with the same `_merge` as single pass, normalise.
 
     Segments come CHUNK at a time, so their loads overlap; past the token's last segment the
     loads give m = -inf, l = 0, acc = 0, which `_merge` folds in as an exact identity, as
-    single pass does for a segment that holds no visible position of a row."""
+    single pass does for a segment that holds no visible position of a row. With a window,
+    merging starts at the token's first visible segment: single pass may merge earlier ones
+    (for another row of its program), which are identities for this token."""
     token = tl.program_id(0)
     kv_head = tl.program_id(1)
     # Tokens past the last request are batch padding (e.g. CUDA-graph buckets).
@@ -325,17 +439,20 @@ def _merge_segments_kernel(
     q_len = tl.load(cu_seqlens_q_ptr + seq_idx + 1) - q_start
     q_pos = tl.load(seq_lens_ptr + seq_idx) - q_len + (token - q_start)
     num_segments = q_pos // SEGMENT + 1
+    if USE_WINDOW:
+        seg_lo = tl.maximum(q_pos - window + 1, 0) // SEGMENT
+    else:
+        seg_lo = 0
 
     offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, HEAD_SIZE)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_ok = offs_d < HEAD_SIZE
     head = kv_head * G + offs_g
     head_ok = offs_g < G
     ws_row = token.to(tl.int64) * stride_wt + head * stride_wh
-    M = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-    L = tl.zeros([G_PAD], dtype=tl.float32)
-    ACC = tl.zeros([G_PAD, HEAD_SIZE], dtype=tl.float32)
+    M, L, ACC = _initial_state(sinks_ptr, head, head_ok, G_PAD, HEAD_PAD, USE_SINKS)
     num_read = tl.minimum(num_segments, max_num_segments)
-    for chunk in range(0, num_read, CHUNK):
+    for chunk in range(seg_lo, num_read, CHUNK):
         for j in tl.static_range(CHUNK):
             seg = chunk + j
             ok = head_ok & (seg < num_read)
@@ -343,7 +460,7 @@ def _merge_segments_kernel(
             l_s = tl.load(ws_l_ptr + ws_row + seg, mask=ok, other=0.0)
             acc_s = tl.load(
                 ws_acc_ptr + (ws_row + seg)[:, None] * HEAD_SIZE + offs_d[None, :],
-                mask=ok[:, None],
+                mask=ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
             M, L, ACC = _merge(M, L, ACC, m_s, l_s, acc_s)
@@ -353,7 +470,7 @@ def _merge_segments_kernel(
     tl.store(
         out_ptr + token.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         o.to(out_ptr.dtype.element_ty),
-        mask=head_ok[:, None],
+        mask=head_ok[:, None] & d_ok[None, :],
     )
 
 
@@ -423,6 +540,29 @@ def _check(
     # The kernel takes each row's max before scaling, which needs scale > 0.
     if not scale > 0:
         raise ValueError(f"det_backend: softmax scale={scale} must be positive.")
+
+
+def _check_features(q, sliding_window, softcap, alibi_slopes, sinks):
+    num_q_heads = q.shape[1]
+    if sliding_window is not None and (type(sliding_window) is not int or sliding_window < 1):
+        raise ValueError(
+            f"det_backend: sliding_window={sliding_window!r} must be a positive int (keys in "
+            "(p - sliding_window, p] for a query at position p), or None."
+        )
+    if not softcap >= 0:
+        raise ValueError(f"det_backend: softcap={softcap} must be >= 0 (0: off).")
+    for name, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
+        if t is None:
+            continue
+        if t.shape != (num_q_heads,) or t.device != q.device or t.stride(0) != 1:
+            raise ValueError(
+                f"det_backend: {name} must be one contiguous value per query head "
+                f"[{num_q_heads}] on {q.device}; got {tuple(t.shape)} on {t.device}."
+            )
+    if alibi_slopes is not None and alibi_slopes.dtype != torch.float32:
+        raise ValueError(f"det_backend: alibi_slopes must be float32, got {alibi_slopes.dtype}.")
+    if sinks is not None and not sinks.dtype.is_floating_point:
+        raise ValueError(f"det_backend: sinks must be floating point, got {sinks.dtype}.")
 
 
 class LaunchPlan(NamedTuple):
@@ -518,6 +658,10 @@ def paged_attention(
     block_q: int | None = None,
     segment_programs: int | None = None,
     kv_split_size: int = KV_SPLIT_SIZE,
+    sliding_window: int | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q over the paged KV cache; writes and returns `out`.
 
@@ -531,11 +675,18 @@ def paged_attention(
     CUDA graph that must replay any batch of its shape. Rows that break the bound come out NaN
     in split mode. split / block_q / segment_programs force a choice of `plan`; none changes
     the bits. Rows of `out` past cu_seqlens_q[-1] (batch padding) are left untouched.
+    Model features, as vLLM passes them to an attention impl: sliding_window (a query at
+    position p sees keys in (p - sliding_window, p]; positions before its request's first
+    query's window are never read); softcap (scores become softcap * tanh(score / softcap);
+    0 is off); alibi_slopes ([num_q_heads] fp32: slope_h * (key_pos - query_pos) added to
+    the scaled score); sinks ([num_q_heads]: one logit per head in the softmax denominator).
     """
     _check(
         q, key_cache, value_cache, out, cu_seqlens_q, seq_lens, block_table, scale,
         kv_split_size, max_num_segments,
     )  # fmt: skip
+    softcap = float(softcap or 0.0)
+    _check_features(q, sliding_window, softcap, alibi_slopes, sinks)
     num_tokens, num_q_heads, head_size = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -547,6 +698,11 @@ def paged_attention(
     )  # fmt: skip
     g = num_q_heads // num_kv_heads
     tile_n = tile_n_for(head_size)
+    features = dict(
+        HEAD_PAD=triton.next_power_of_2(head_size),
+        USE_WINDOW=sliding_window is not None,
+        USE_SINKS=sinks is not None,
+    )
 
     ws_m = ws_l = ws_acc = None
     grid = (p.num_q_blocks, num_kv_heads)
@@ -567,18 +723,22 @@ def paged_attention(
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0),
         ws_segments * num_q_heads, ws_segments,
+        alibi_slopes_ptr=alibi_slopes, sinks_ptr=sinks, window=sliding_window or 0,
+        cap_scale=scale / softcap if softcap else 0.0, cap_log2=softcap * LOG2E,
         NUM_Q_HEADS=num_q_heads, G=g, HEAD_SIZE=head_size, BLOCK_SIZE=block_size,
         TILE_N=tile_n, TILES_PER_SEGMENT=kv_split_size // tile_n,
         BLOCK_Q=p.block_q, BLOCK_M=p.block_m, SPLIT=p.split,
+        USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, **features,
         num_warps=p.num_warps, num_stages=p.num_stages, enable_fp_fusion=False,
     )  # fmt: skip
     if p.split:
         _merge_segments_kernel[(num_tokens, num_kv_heads)](
             out, ws_m, ws_l, ws_acc, cu_seqlens_q, seq_lens, num_seqs, ws_segments,
             out.stride(0), out.stride(1), ws_segments * num_q_heads, ws_segments,
+            sinks_ptr=sinks, window=sliding_window or 0,
             NUM_Q_HEADS=num_q_heads, G=g, G_PAD=triton.next_power_of_2(g),
             HEAD_SIZE=head_size, SEGMENT=kv_split_size,
-            CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(max_num_segments)),
+            CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(max_num_segments)), **features,
             num_warps=4, enable_fp_fusion=False,
         )  # fmt: skip
     return out
@@ -653,9 +813,15 @@ def paged_attention_reference(
     seq_lens: torch.Tensor,
     block_table: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain torch in float64: gathers each request's K/V through its block table. Returns
-    [num_tokens, num_q_heads, head_size] float64; rows past cu_seqlens_q[-1] are zero."""
+    [num_tokens, num_q_heads, head_size] float64; rows past cu_seqlens_q[-1] are zero.
+    Features as `paged_attention` takes them; positions outside a query's window are never
+    gathered into its result (masked before the softmax)."""
     num_tokens, num_q_heads, head_size = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     g = num_q_heads // num_kv_heads
@@ -672,7 +838,21 @@ def paged_attention_reference(
         v = value_cache[blocks, pos % block_size].double().repeat_interleave(g, 1).transpose(0, 1)
         qb = q[start:end].double().transpose(0, 1)  # [q_heads, q_len, D]
         q_pos = seq_len - (end - start) + torch.arange(end - start, device=q.device)
-        scores = (qb @ k.transpose(1, 2)) * scale
-        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        out[start:end] = (scores.softmax(-1) @ v).transpose(0, 1)
+        scores = (qb @ k.transpose(1, 2)) * scale  # [q_heads, q_len, seq_len]
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        rel = (pos[None, :] - q_pos[:, None]).double()  # key - query: <= 0 where visible
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.double()[:, None, None] * rel
+        hidden = rel > 0
+        if sliding_window is not None:
+            hidden = hidden | (rel <= -sliding_window)
+        scores = scores.masked_fill(hidden[None], float("-inf"))
+        if sinks is not None:
+            # One more logit per head, with no value: it only joins the denominator.
+            sink = sinks.double()[:, None, None].expand(-1, end - start, 1)
+            probs = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)
+        out[start:end] = (probs @ v).transpose(0, 1)
     return out

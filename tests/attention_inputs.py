@@ -2,6 +2,7 @@
 requests over a shuffled paged KV cache in vLLM's layout, the float64 reference, and a bitwise
 row comparison that names the rows that differ."""
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -46,6 +47,41 @@ class Batch:
         lo, hi, _ = (rows or slice(0, q_len)).indices(q_len)
         return slice(start + lo, start + hi)
 
+    def shifted(self, b: int, num_blocks: int) -> "Batch":
+        """Request b alone with num_blocks unused (NaN) blocks before its first: the same
+        request num_blocks * block_size positions later. Where those positions are outside
+        every query's window, the math is the same but tiles and segments meet the window at
+        other offsets: what a kernel that aligned its grid to the window start would do."""
+        q_len, seq_len = self.specs[b]
+        block_size = self.key_cache.shape[1]
+        n = math.ceil(seq_len / block_size)
+        used = set(self.block_table[:, :n].flatten().tolist())
+        spare = [i for i in range(self.key_cache.shape[0]) if i not in used][:num_blocks]
+        assert len(spare) == num_blocks, "make_batch keeps 3 spare blocks"
+        row = self.block_table[b, :n]
+        table = torch.cat([torch.tensor(spare, dtype=row.dtype, device=row.device), row])
+        return Batch(
+            self.q[self.token_rows(b)],
+            self.key_cache,
+            self.value_cache,
+            table[None],
+            [(q_len, seq_len + num_blocks * block_size)],
+            self.scale,
+        )
+
+    def poisoned_before_windows(self, window: int) -> "Batch":
+        """A copy of the cache with NaN at every position before its request's first query's
+        window start: blocks vLLM may free (or hand back as its null block) for a
+        sliding-window layer. A kernel that reads one there shows NaN."""
+        key_cache, value_cache = self.key_cache.clone(), self.value_cache.clone()
+        block_size = key_cache.shape[1]
+        for b, (q_len, seq_len) in enumerate(self.specs):
+            for pos in range(max(0, seq_len - q_len - window + 1)):
+                block = self.block_table[b, pos // block_size]
+                key_cache[block, pos % block_size] = float("nan")
+                value_cache[block, pos % block_size] = float("nan")
+        return dataclasses.replace(self, key_cache=key_cache, value_cache=value_cache)
+
     def metadata(self):
         dev = self.q.device
         q_lens = torch.tensor([s[0] for s in self.specs], dtype=torch.int32)
@@ -84,11 +120,40 @@ def make_batch(
     return Batch(q, key_cache, value_cache, block_table.to(device), list(specs), head_size**-0.5)
 
 
-def reference(batch: Batch) -> torch.Tensor:
+def reference(batch: Batch, **features) -> torch.Tensor:
     cu, seq_lens = batch.metadata()
     return paged_attention_reference(
-        batch.q, batch.key_cache, batch.value_cache, cu, seq_lens, batch.block_table, batch.scale
-    )
+        batch.q, batch.key_cache, batch.value_cache, cu, seq_lens, batch.block_table,
+        batch.scale, **features,
+    )  # fmt: skip
+
+
+def model_features(name: str, num_q_heads: int, device, seed: int = 0) -> dict:
+    """paged_attention's feature kwargs by name ("none", "window", "softcap", "alibi",
+    "sinks", "all", or several joined by "+"), at CPU-test scale: a window of 80 positions,
+    softcap 2 (scores of unit q and k reach a few units: tanh bends them), BLOOM's
+    geometric ALiBi slopes, sinks ~ N(3, 2^2) (next to a few hundred keys they move
+    the output by more than the test tolerance)."""
+    gen = torch.Generator().manual_seed(seed)
+    every = {
+        "window": dict(sliding_window=80),
+        "softcap": dict(softcap=2.0),
+        "alibi": dict(alibi_slopes=alibi_slopes(num_q_heads).to(device)),
+        "sinks": dict(sinks=(3 + 2 * torch.randn(num_q_heads, generator=gen)).to(device)),
+    }
+    names = list(every) if name == "all" else [n for n in name.split("+") if n != "none"]
+    return {k: v for n in names for k, v in every[n].items()}
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """BLOOM's slopes (vLLM's bloom.py _get_alibi_slopes), fp32."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != num_heads:
+        extra = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** (2 * i + 1) for i in range(min(closest, num_heads - closest))]
+    return torch.tensor(slopes, dtype=torch.float32)
 
 
 def assert_rows_equal(actual: torch.Tensor, expected: torch.Tensor, what: str):

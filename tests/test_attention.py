@@ -1,7 +1,8 @@
 """Paged attention: accuracy against float64, and bitwise invariance to the batch, to chunked
 prefill, to decode vs prefill, and to every launch choice: mode, query-tile size, programs per
 segment group, and the bound on segments that sizes the grid (a batch's real max_seq_len in
-an eager step, max_model_len in a CUDA graph).
+an eager step, max_model_len in a CUDA graph); the same with the model features (sliding
+window, logit softcap, ALiBi, sinks) and the padded head sizes (80, 96).
 
 CPU tests run under the Triton interpreter with a small kv_split_size so that requests of a
 few hundred positions span several segments. The interpreter's tl.dot on bf16 is broken, so
@@ -12,7 +13,14 @@ import math
 
 import pytest
 import torch
-from attention_inputs import Batch, assert_rows_equal, make_batch, reference
+from attention_inputs import (
+    Batch,
+    alibi_slopes,
+    assert_rows_equal,
+    make_batch,
+    model_features,
+    reference,
+)
 from det_backend.kernels.attention import (
     KV_SPLIT_SIZE,
     PREFILL_BLOCK_M,
@@ -325,10 +333,10 @@ def test_attention_rejects_bad_input(device):
     batch = make_batch([(3, 20)], 4, 2, 64, torch.float16, device)
     cu, seq_lens = batch.metadata()
     args = (cu, seq_lens, batch.block_table, 0.1, 3, 1)
-    q96 = torch.randn(3, 4, 96, dtype=torch.float16, device=device)
-    cache96 = torch.randn(4, 16, 2, 96, dtype=torch.float16, device=device)
-    with pytest.raises(ValueError, match="head_size=96"):
-        paged_attention(q96, cache96, cache96, torch.empty_like(q96), *args)
+    q72 = torch.randn(3, 4, 72, dtype=torch.float16, device=device)
+    cache72 = torch.randn(4, 16, 2, 72, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match="head_size=72"):
+        paged_attention(q72, cache72, cache72, torch.empty_like(q72), *args)
     q32 = batch.q.float()
     with pytest.raises(ValueError, match="share one dtype"):
         paged_attention(q32, batch.key_cache, batch.value_cache, torch.empty_like(q32), *args)
@@ -340,6 +348,88 @@ def test_attention_rejects_bad_input(device):
         paged_attention(batch.q, batch.key_cache, batch.value_cache, out, *args, kv_split_size=48)
     with pytest.raises(ValueError, match="int32"):
         paged_attention(batch.q, batch.key_cache, batch.value_cache, out, cu.long(), *args[1:])
+    caches = (batch.q, batch.key_cache, batch.value_cache, out)
+    for bad, match in (
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(sliding_window=4.0), "sliding_window"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(alibi_slopes=torch.ones(4, dtype=torch.float64, device=device)), "float32"),
+        (dict(alibi_slopes=torch.ones(2, device=device)), "alibi_slopes"),
+        (dict(sinks=torch.ones(4, 1, device=device)), "sinks"),
+        (dict(sinks=torch.ones(4, dtype=torch.int32, device=device)), "floating point"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            paged_attention(*caches, *args, **bad)
+
+
+# Model features: a window of 80 positions spans two or three 64-position tiles, and a
+# kv_split_size of 128 puts two tiles in a segment, so windows start inside tiles and segments.
+FEATURE_SPLIT = 128
+# (q_len, seq_len): a decode far past its window, a prefill chunk whose rows' windows start in
+# different tiles, a request shorter than the window, a short chunk.
+FEATURE_SPECS = [(1, 300), (50, 260), (1, 40), (6, 200)]
+
+
+@pytest.mark.parametrize(
+    "features,head_size",
+    [(f, 64) for f in ("window", "softcap", "alibi", "sinks", "all")] + [("none", 80), ("all", 96)],
+)
+def test_attention_features_match_float64(features, head_size, device):
+    batch = make_batch(FEATURE_SPECS, 8, 2, head_size, torch.float16, device, seed=11, pad=2)
+    kw = model_features(features, 8, device)
+    out = run(batch, FEATURE_SPLIT, out_dtype=torch.float16, **kw)
+    n = sum(s[0] for s in FEATURE_SPECS)
+    expected = reference(batch, **kw)[:n]
+    torch.testing.assert_close(out[:n].double(), expected, **TOL[torch.float16])
+    assert out[n:].isnan().all()
+    if kw:
+        # The features move the result by more than the tolerance: the check above can fail.
+        plain = reference(batch)[:n]
+        assert (plain - expected).abs().max() > 10 * TOL[torch.float16]["atol"]
+
+
+@pytest.mark.parametrize("features", ["window+sinks", "all"])
+def test_attention_features_invariant(features, device):
+    """With a window (and softcap, ALiBi, sinks): the same bits alone and batched, in chunks,
+    as decode, and in every launch, on a cache whose positions before each request's first
+    window are NaN (blocks vLLM frees): never read. Controls: the same request with its grid
+    meeting the window at another offset (what aligning tiles to the window start, as FA3's
+    sliding-window n_offset does, would give a chunk) and another segment size change bits."""
+    kw = model_features(features, 8, device)
+    clean = make_batch(FEATURE_SPECS, 8, 2, 64, torch.float16, device, seed=12, pad=3)
+    batch = clean.poisoned_before_windows(kw["sliding_window"])
+    n = sum(s[0] for s in FEATURE_SPECS)
+    full = run(batch, FEATURE_SPLIT, **kw)
+    assert not full[:n].isnan().any() and full[n:].isnan().all()
+    torch.testing.assert_close(full[:n].double(), reference(clean, **kw)[:n], **TOL[torch.float16])
+
+    for b in range(len(FEATURE_SPECS)):
+        alone = run(batch.select(b), FEATURE_SPLIT, **kw)
+        assert_rows_equal(alone, full[batch.token_rows(b)], f"request {b} alone vs in batch")
+    for lo, hi in ((0, 17), (17, 50), (48, 49), (49, 50)):
+        chunk = run(batch.select(1, slice(lo, hi)), FEATURE_SPLIT, **kw)
+        assert_rows_equal(chunk, full[batch.token_rows(1, slice(lo, hi))], f"chunk {lo}:{hi}")
+    for split, block_q, programs, bound in (
+        (False, 1, None, None),
+        (True, 4, None, None),
+        (True, 16, 1, None),
+        (True, 1, 3, None),
+        (None, None, None, true_max_segments(batch, FEATURE_SPLIT)),
+    ):
+        out = run(
+            batch, FEATURE_SPLIT, split=split, block_q=block_q, segment_programs=programs,
+            max_num_segments=bound, **kw,
+        )  # fmt: skip
+        what = f"split={split} block_q={block_q} segment_programs={programs} bound={bound}"
+        assert_rows_equal(out[:n], full[:n], what)
+        assert out[n:].isnan().all(), f"{what}: padding rows written"
+
+    rows = batch.token_rows(1)
+    shifted = run(batch.shifted(1, 1), FEATURE_SPLIT, **kw)
+    torch.testing.assert_close(shifted, full[rows], **TOL[torch.float16])
+    assert not torch.equal(shifted, full[rows]), "a shifted grid gave equal bits: control blind"
+    other = run(batch, 2 * FEATURE_SPLIT, **kw)
+    assert not torch.equal(other[:n], full[:n]), "another segment size gave equal bits"
 
 
 @pytest.mark.gpu
@@ -412,6 +502,92 @@ def test_attention_invariant_real_shapes(dtype, device):
     ):
         out = run(decodes, max_num_segments=bound, split=split, segment_programs=programs)
         assert_rows_equal(out, expected, f"decode bound={bound} split={split} P={programs}")
+
+
+# Model-shaped feature sets at real sizes: (q heads, kv heads, head_size, features, scale).
+REAL_FEATURES = {
+    # Mistral-7B-v0.1: window 4096.
+    "mistral": (32, 8, 128, dict(sliding_window=4096), 128**-0.5),
+    # Gemma-2-9B local layers: window 4096, softcap 50, query_pre_attn_scalar 256.
+    "gemma2": (16, 8, 256, dict(sliding_window=4096, softcap=50.0), 256**-0.5),
+    # gpt-oss sliding layers: window 128, sinks, head 64, G = 8.
+    "gpt-oss": (64, 8, 64, dict(sliding_window=128, sinks=True), 64**-0.5),
+    # BLOOM / MPT: ALiBi, multi-head.
+    "alibi": (32, 32, 128, dict(alibi_slopes=True), 128**-0.5),
+    # Phi-3-mini: head 96 (padded to 128), window 2047.
+    "phi3": (32, 32, 96, dict(sliding_window=2047), 96**-0.5),
+    "head80": (32, 8, 80, {}, 80**-0.5),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model", list(REAL_FEATURES))
+def test_attention_features_invariant_real_shapes(model, dtype, device):
+    """Each model's features at real sizes, default KV_SPLIT_SIZE, block_size 16: float64
+    accuracy on a few requests; the same bits alone and batched, in chunks, as decode and in
+    every launch; the cache before each request's first window is NaN (never read); the
+    shifted-grid control differs."""
+    num_q_heads, num_kv_heads, head_size, spec, scale = REAL_FEATURES[model]
+    kw = dict(spec)
+    gen = torch.Generator().manual_seed(6)
+    if kw.pop("sinks", False):
+        kw["sinks"] = (3 + 2 * torch.randn(num_q_heads, generator=gen)).to(dtype).to(device)
+    if kw.pop("alibi_slopes", False):
+        kw["alibi_slopes"] = alibi_slopes(num_q_heads).to(device)
+    decode = [(1, int(n)) for n in torch.randint(1, 8193, (32,), generator=gen)]
+    prefill = [(512, 512), (2048, 6000), (1024, 8192), (700, 1500)]
+    specs = decode + prefill
+    clean = make_batch(specs, num_q_heads, num_kv_heads, head_size, dtype, device, seed=7, pad=5)
+    clean.scale = scale
+    window = kw.get("sliding_window")
+    batch = clean.poisoned_before_windows(window) if window else clean
+    max_model_len = 8192
+    n = sum(s[0] for s in specs)
+    full = run(batch, max_model_len=max_model_len, **kw)
+    assert not full[:n].isnan().any() and full[n:].isnan().all()
+    native = run(batch, max_model_len=max_model_len, out_dtype=dtype, **kw)
+    assert_rows_equal(native[:n], full[:n].to(dtype), f"{dtype} out vs fp32 out rounded")
+    for b in (0, 1, 32, 33):
+        expected = reference(clean.select(b), **kw)
+        torch.testing.assert_close(native[batch.token_rows(b)].double(), expected, **TOL[dtype])
+
+    for b in range(len(specs)):
+        alone = run(batch.select(b), max_model_len=max_model_len, **kw)
+        assert_rows_equal(alone, full[batch.token_rows(b)], f"request {b} alone")
+    bs = list(range(len(specs) - 1, -1, -2))
+    other = run(batch.subset(bs), max_model_len=max_model_len, **kw)
+    expected = torch.cat([full[batch.token_rows(b)] for b in bs])
+    assert_rows_equal(other, expected, "every other request as a batch")
+
+    b = 33  # (2048, 6000): context 3952
+    for bounds in ([0, 1000, 2048], [0, 300, 1111, 2048]):
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            chunk = run(batch.select(b, slice(lo, hi)), max_model_len=max_model_len, **kw)
+            assert_rows_equal(chunk, full[batch.token_rows(b, slice(lo, hi))], f"chunk {lo}:{hi}")
+    for i in range(2044, 2048):
+        token = run(batch.select(b, slice(i, i + 1)), max_model_len=max_model_len, **kw)
+        assert_rows_equal(token, full[batch.token_rows(b, slice(i, i + 1))], f"decode {i}")
+
+    for split in (False, True):
+        for block_q in (1, 4, 16):
+            out = run(batch, max_model_len=max_model_len, split=split, block_q=block_q, **kw)
+            assert_rows_equal(out[:n], full[:n], f"split={split} block_q={block_q}")
+    decodes = batch.subset(list(range(32)))
+    for bound, split, programs in ((true_max_segments(decodes, KV_SPLIT_SIZE), None, None),
+                                   (64, True, 3), (64, False, None)):  # fmt: skip
+        out = run(decodes, max_num_segments=bound, split=split, segment_programs=programs, **kw)
+        assert_rows_equal(out, full[:32], f"decode bound={bound} split={split} P={programs}")
+
+    # Control: the prefill request 16 positions later (a NaN block first, outside its
+    # windows) when its first window starts past position 0; else another segment size.
+    rows = batch.token_rows(b)
+    if window is not None and window < specs[b][1] - specs[b][0]:
+        control = run(batch.shifted(b, 1), max_model_len=max_model_len + 16, **kw)
+    else:
+        control = run(batch.select(b), 2 * KV_SPLIT_SIZE, max_model_len=max_model_len, **kw)
+    torch.testing.assert_close(control.to(dtype).double(), native[rows].double(), **TOL[dtype])
+    assert not torch.equal(control, full[rows]), f"{model}: the control gave equal bits"
 
 
 def _compiled_variants() -> int:

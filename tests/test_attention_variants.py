@@ -51,8 +51,9 @@ def test_supported_layer_has_no_problem(variant):
 @pytest.mark.parametrize(
     "variant, kwargs, message",
     [
-        ("triton", {"head_size": 96}, "head_size=96"),
-        ("triton", {"logits_soft_cap": 30.0}, "softcap"),
+        ("triton", {"head_size": 72}, "head_size=72"),
+        ("triton", {"attn_type": "encoder_only"}, "attention type"),
+        ("triton", {"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8"),
         ("fa3", {"head_size": 192}, "head_size=192"),
         ("fa3", {"sliding_window": 4096}, "sliding window (4096): vLLM's FA3 starts"),
         ("fa3", {"alibi_slopes": [0.5]}, "ALiBi: FA3 has no ALiBi"),
@@ -67,9 +68,51 @@ def test_refusal_names_variant_and_feature(variant, kwargs, message):
 
 
 @pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
-def test_fa3_takes_what_triton_does_not(head_size):
+def test_fa3_takes_head_sizes_and_softcap(head_size):
     layer = {**SUPPORTED_LAYER, "head_size": head_size, "logits_soft_cap": 50.0}
     assert variants.layer_problems("fa3", **layer) == []
+
+
+@pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
+def test_triton_takes_every_model_feature(head_size):
+    layer = dict(
+        SUPPORTED_LAYER, head_size=head_size, sliding_window=4096, logits_soft_cap=50.0,
+        alibi_slopes=[0.5] * 8, sinks=torch.ones(8),
+    )  # fmt: skip
+    assert variants.layer_problems("triton", **layer) == []
+
+
+def test_impl_passes_model_features_to_the_kernel(monkeypatch, device):
+    """DetAttentionImpl.forward with a window, softcap, ALiBi and sinks gives the float64
+    reference's numbers for them: every feature reaches the kernel."""
+    from attention_inputs import alibi_slopes, make_batch, reference
+
+    from det_backend import backend
+
+    monkeypatch.delenv(variants.ENV_VAR, raising=False)
+    monkeypatch.setattr(backend.mode, "enable", lambda config: None)
+    monkeypatch.setattr(backend, "get_current_vllm_config", lambda: None)
+    specs = [(1, 150), (20, 120)]
+    batch = make_batch(specs, 4, 2, 64, torch.float16, device, seed=3)
+    sinks = torch.tensor([2.0, -1.0, 4.0, 0.5], device=device)
+    slopes = alibi_slopes(4)
+    impl = backend.DetAttentionImpl(
+        num_heads=4, head_size=64, scale=batch.scale, num_kv_heads=2,
+        alibi_slopes=slopes.tolist(), sliding_window=50, logits_soft_cap=2.0, sinks=sinks,
+    )  # fmt: skip
+    # The impl reads the cache as vLLM hands it over: [blocks, kv_heads, block_size, 2 * D].
+    kv_cache = torch.cat([batch.key_cache, batch.value_cache], -1).transpose(1, 2)
+    cu, seq_lens = batch.metadata()
+    n = sum(s[0] for s in specs)
+    meta = backend.DetAttentionMetadata(
+        num_actual_tokens=n, max_query_len=20, max_seq_len=150, query_start_loc=cu,
+        seq_lens=seq_lens, block_table=batch.block_table, slot_mapping=None, max_num_segments=1,
+    )  # fmt: skip
+    out = torch.empty(n, 4, 64, dtype=torch.float16, device=device)
+    impl.forward(None, batch.q, None, None, kv_cache, meta, out)
+    features = dict(sliding_window=50, softcap=2.0, alibi_slopes=slopes.to(device), sinks=sinks)
+    tol = 8 * torch.finfo(torch.float16).eps
+    torch.testing.assert_close(out.double(), reference(batch, **features), atol=tol, rtol=0)
 
 
 def test_fa3_needs_a_hopper_gpu(monkeypatch):
@@ -105,10 +148,10 @@ def test_backend_sizes_follow_the_variant(monkeypatch):
     assert select_common_block_size(16, [DetAttentionBackend]) == 16
     assert select_common_block_size(128, [DetAttentionBackend]) == 64
     assert DetAttentionBackend.supports_block_size(256)
-    assert 80 in DetAttentionBackend.get_supported_head_sizes()
+    assert 192 not in DetAttentionBackend.get_supported_head_sizes()
     monkeypatch.setenv(variants.ENV_VAR, "triton")
     assert select_common_block_size(128, [DetAttentionBackend]) == 128
-    assert 80 not in DetAttentionBackend.get_supported_head_sizes()
+    assert 80 in DetAttentionBackend.get_supported_head_sizes()
 
 
 @pytest.mark.parametrize("g", [1, 2, 4, 5, 8, 16, 64])

@@ -95,6 +95,19 @@ def test_seeded_sampling_after_preemption_and_default_differs():
     assert default["identical_alone_vs_batch"] < default["prompts_alone"]
 
 
+def test_mistral_sliding_window_alone_equals_batch_and_default_differs():
+    """A sliding-window model (Mistral-7B-v0.1 widths, 4 layers, window 256) through the
+    triton variant: windows start inside tiles and segments, chunked prefill and decode run
+    past the window, and vLLM frees the blocks behind it. Select: E2E_K=sliding."""
+    result = compare("mistral-sw-4l", num_prompts=32, max_tokens=128)
+    _keep("e2e_mistral_sliding_window", result, "-k sliding")
+    runs = {r["backend"]: r for r in result["runs"]}
+    det, default = runs["det"], runs["default"]
+    assert det["identical_alone_vs_batch"] == det["prompts_alone"] == 32
+    assert det["identical_batch_repeat"] == det["prompts_batch"]
+    assert default["identical_alone_vs_batch"] < default["prompts_alone"]
+
+
 @pytest.mark.parametrize("config", ["mixtral-8x7b-4l", "qwen3-30b-a3b-4l"])
 def test_moe_alone_equals_batch_and_default_differs(config):
     """Mixture-of-experts shapes (full widths, 4 layers): routing, grouped GEMMs and the

@@ -109,7 +109,8 @@ def test_version_guard_names_the_version():
         ),
         ({"model": {"architectures": ["DeepseekV3ForCausalLM"]}}, "DeepseekV3ForCausalLM"),
         ({"model": {"is_encoder_decoder": True}}, "encoder-decoder"),
-        ({"model": {"architectures": ["Gemma2ForCausalLM"]}}, "Gemma2ForCausalLM"),
+        ({"model": {"architectures": ["Gemma2ForCausalLM"]}}, "Gemma2ForCausalLM: its GemmaRMS"),
+        ({"model": {"architectures": ["BloomForCausalLM"]}}, "BloomForCausalLM: its LayerNorm"),
         ({"speculative_config": object()}, "speculative decoding"),
         ({"parallel": {"tensor_parallel_size": 4}}, "tensor_parallel_size=4"),
         ({"parallel": {"data_parallel_size": 2}}, "data_parallel_size=2"),
@@ -139,15 +140,20 @@ def test_supported_config_has_only_the_platform_problem(monkeypatch):
     assert len(reasons) == (0 if torch.cuda.is_available() else 1), reasons
 
 
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Phi3ForCausalLM"])
+def test_sliding_window_architectures_are_supported(arch, monkeypatch):
+    # Their window (and Phi-3's head_size 96) is the attention layer's: see test_attention.
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    monkeypatch.delenv("DET_BACKEND_ATTENTION", raising=False)
+    reasons = config_problems(fake_config(model={"architectures": [arch]}))
+    assert not any(arch in r for r in reasons), reasons
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"head_size": 96}, "head_size=96"),
-        ({"alibi_slopes": [0.5]}, "ALiBi"),
-        ({"sliding_window": 4096}, "sliding window"),
-        ({"logits_soft_cap": 30.0}, "softcap"),
+        ({"head_size": 72}, "head_size=72"),
         ({"attn_type": "encoder_only"}, "attention type"),
-        ({"sinks": torch.ones(8)}, "sinks"),
         ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8"),
     ],
 )
@@ -170,8 +176,8 @@ def test_impl_refuses_unsupported_layer_before_patching(monkeypatch):
     from det_backend.backend import DetAttentionImpl
 
     monkeypatch.delenv("DET_BACKEND_ATTENTION", raising=False)
-    with pytest.raises(DeterminismError, match="head_size=96"):
-        DetAttentionImpl(num_heads=8, head_size=96, scale=0.1, num_kv_heads=8)
+    with pytest.raises(DeterminismError, match="head_size=72"):
+        DetAttentionImpl(num_heads=8, head_size=72, scale=0.1, num_kv_heads=8)
 
 
 def test_builder_bounds_segments_by_max_seq_len_except_for_full_graphs():
@@ -339,8 +345,14 @@ def test_backend_validate_configuration_rejects_what_vllm_checks(monkeypatch):
     )
     ok = DetAttentionBackend.validate_configuration(head_size=128, dtype=torch.bfloat16, **common)
     assert ok == []
-    bad = DetAttentionBackend.validate_configuration(head_size=80, dtype=torch.float32, **common)
+    bad = DetAttentionBackend.validate_configuration(head_size=72, dtype=torch.float32, **common)
     assert len(bad) >= 2
+    # Sinks and sliding windows pass vLLM's check: the impl decides per variant.
+    features = dict(common, has_sink=True, has_sliding_window=True)
+    assert (
+        DetAttentionBackend.validate_configuration(head_size=96, dtype=torch.float16, **features)
+        == []
+    )
 
 
 def test_patches_route_linear_and_rms_norm_through_our_kernels():
