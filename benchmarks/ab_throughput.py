@@ -59,7 +59,9 @@ def plot(data: dict, png: Path) -> None:
             ax.text(x, v, f"{ratio:.2f}x", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"end to end, {data['config']} shapes, {data['gpu']}, vLLM {data['vllm']}")
+    tp = data.get("tensor_parallel_size", 1)
+    where = data["gpu"] if tp == 1 else f"{tp} x {data['gpu']}, TP={tp}"
+    ax.set_title(f"end to end, {data['config']} shapes, {where}, vLLM {data['vllm']}")
     top = max(w["default_tok_s"] for w in data["workloads"].values())
     ax.set_ylim(0, top * 1.3)
     ax.legend(loc="upper center", ncol=len(backends), fontsize=8)
@@ -78,6 +80,9 @@ def main() -> None:
     parser.add_argument(
         "--backends", default=",".join(BACKENDS), help="comma-separated engines (default first)"
     )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="GPUs per engine (issue 8: TP=2)"
+    )
     args = parser.parse_args()
     backends = parse_backends(args.backends)
     if args.plot:
@@ -89,11 +94,18 @@ def main() -> None:
         workload("decode_heavy", 64, 1024, max(1, args.alone // 8), vocab),
     ]
     dets = tuple(b for b in backends if b.startswith("det"))
-    result = run_backends(args.config, workloads, backends, alone_backends=dets)
+    result = run_backends(
+        args.config,
+        workloads,
+        backends,
+        alone_backends=dets,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
     summary = {
         "config": args.config,
         "command": " ".join(["python", *sys.argv]),
         "backends": list(backends),
+        "tensor_parallel_size": args.tensor_parallel_size,
         "workloads": {},
     }
     for name, w in result["workloads"].items():

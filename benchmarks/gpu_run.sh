@@ -159,7 +159,9 @@ if [[ $what == *" tp "* ]]; then
 fi
 if [[ $what == *" ab "* ]]; then
   # AB_BACKENDS: engines to compare, e.g. default,det,det_fa3 (default: default, vLLM BI, det).
+  # AB_TP: GPUs per engine (2 on a two-GPU host: issue 8's A/B at TP=2).
   python3 "$REPO/benchmarks/ab_throughput.py" ${AB_BACKENDS:+--backends "$AB_BACKENDS"} \
+    ${AB_TP:+--tensor-parallel-size "$AB_TP"} \
     --out "$OUT/ab_throughput.json" > "$OUT/ab.log" 2>&1
   rc=$(( rc | $? )); grep -E "tok/s|Error|error" "$OUT/ab.log" | tail -20
   cache_report ab

@@ -117,6 +117,8 @@ def engine_worker(args: argparse.Namespace) -> None:
         gpu_memory_utilization=0.85,
         seed=0,
     )
+    if plan.get("tensor_parallel_size", 1) > 1:
+        kwargs.update(tensor_parallel_size=plan["tensor_parallel_size"])
     if plan.get("num_gpu_blocks_override"):
         # Few KV blocks: a batch outgrows the cache and vLLM preempts requests (frees their
         # blocks, recomputes them later); the stats count the preemptions.
@@ -245,10 +247,13 @@ def run_backends(
     alone_backends: tuple[str, ...] | None = None,
     verbose: bool = False,
     num_gpu_blocks: int | None = None,
+    tensor_parallel_size: int = 1,
 ) -> dict:
     """Each backend in its own process (one engine per process), same prompts and weights.
     Only `alone_backends` (default: all) also run prompts alone. num_gpu_blocks: KV blocks
-    of the engines (vLLM's num_gpu_blocks_override), few enough that batches preempt."""
+    of the engines (vLLM's num_gpu_blocks_override), few enough that batches preempt.
+    tensor_parallel_size: GPUs per engine (each rank draws its own shard's weights, so the
+    model differs from the one-GPU model; compare backends at one size only)."""
     result = {"config": config, "workloads": {}}
     alone = backends if alone_backends is None else alone_backends
     with tempfile.TemporaryDirectory() as tmp:
@@ -258,6 +263,7 @@ def run_backends(
             plan = {
                 "max_model_len": max_len + 64,
                 "num_gpu_blocks_override": num_gpu_blocks,
+                "tensor_parallel_size": tensor_parallel_size,
                 "workloads": [
                     {**w, "num_alone": w["num_alone"] if backend in alone else 0} for w in workloads
                 ],

@@ -59,8 +59,9 @@ def test_ab_throughput_backends_and_fields(monkeypatch, tmp_path):
     speeds = {"default": 100.0, "det": 90.0, "det_fa3": 95.0}
     calls = {}
 
-    def fake_run_backends(config, workloads, backends, alone_backends):
+    def fake_run_backends(config, workloads, backends, alone_backends, tensor_parallel_size):
         calls["backends"], calls["alone"] = backends, alone_backends
+        calls["tp"] = tensor_parallel_size
         return {
             "workloads": {
                 w["name"]: {
@@ -78,7 +79,8 @@ def test_ab_throughput_backends_and_fields(monkeypatch, tmp_path):
     monkeypatch.setattr(ab, "run_backends", fake_run_backends)
     monkeypatch.setattr(ab, "vocab_size", lambda config: 1000)
     out = tmp_path / "ab.json"
-    monkeypatch.setattr(sys, "argv", ["ab", "--backends", "det,det_fa3", "--out", str(out)])
+    argv = ["ab", "--backends", "det,det_fa3", "--tensor-parallel-size", "2", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
     ab.main()
     import json
 
@@ -91,4 +93,5 @@ def test_ab_throughput_backends_and_fields(monkeypatch, tmp_path):
     assert w["det_vs_default"] == 0.9 and w["det_fa3_vs_default"] == 0.95
     assert w["identical_fraction"] == 1.0 and w["det_fa3_identical_alone"] == "4/4"
     assert data["det_tok_s"] == 90.0 and "vllm_batch_invariant_tok_s" not in data
+    assert calls["tp"] == 2 and data["tensor_parallel_size"] == 2
     assert out.with_suffix(".png").exists()
