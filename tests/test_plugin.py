@@ -312,6 +312,8 @@ def test_impl_forward_mixed_batch_equals_one_launch(device):
     one = dataclasses.replace(md, decodes=None, max_num_segments=64)
     impl = object.__new__(DetAttentionImpl)
     impl.variant, impl.head_size, impl.scale = "triton", head_size, head_size**-0.5
+    # No attention features: what __init__ sets for a plain Llama layer.
+    impl.sliding_window, impl.logits_soft_cap, impl.alibi_slopes, impl.sinks = None, 0.0, None, None
     query = torch.randn(cm.num_actual_tokens, heads, head_size, generator=gen).half().to(device)
     outs = []
     for metadata in (md, one):
