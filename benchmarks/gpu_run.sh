@@ -3,6 +3,9 @@
 # then run what is asked, writing logs and JSON under $OUT.
 #   bash benchmarks/gpu_run.sh kernels    gpu-marked kernel tests
 #   bash benchmarks/gpu_run.sh fa3        the fa3 attention variant: its GPU tests and selection tests (fa3.log)
+#   bash benchmarks/gpu_run.sh flashinfer the flashinfer attention variant: its GPU tests and selection
+#                                         tests (flashinfer.log); the first call JIT-compiles
+#                                         FlashInfer's FA2 prefill kernels with nvcc (minutes)
 #   bash benchmarks/gpu_run.sh e2e        end-to-end engine test (+ e2e.json)
 #   bash benchmarks/gpu_run.sh smoke      the demo on the small model (16 prompts)
 #   bash benchmarks/gpu_run.sh gemm-sweep every candidate tile at every point (gemm_sweep.json)
@@ -78,6 +81,13 @@ if [[ $what == *" fa3 "* ]]; then
     -p no:cacheprovider 2>&1 | tee "$OUT/fa3.log" | tail -40
   rc=$(( rc | ${PIPESTATUS[0]} ))
   cache_report fa3
+fi
+if [[ $what == *" flashinfer "* ]]; then
+  # FI_K: a pytest -k expression choosing among the flashinfer tests (default: all).
+  python3 -m pytest -v "$REPO/tests/test_attention_flashinfer.py" "$REPO/tests/test_attention_variants.py" \
+    -p no:cacheprovider ${FI_K:+-k "$FI_K"} 2>&1 | tee "$OUT/flashinfer.log" | grep -v -E " PASSED |^$" | tail -60
+  rc=$(( rc | ${PIPESTATUS[0]} ))
+  cache_report flashinfer
 fi
 if [[ $what == *" smoke "* || $what == *" all "* ]]; then
   python3 -m det_backend.demo --config small --prompts 16 --max-tokens 32 --json "$OUT/smoke.json" \

@@ -4,10 +4,11 @@ Structure follows vllm/v1/attention/backends/triton_attn.py (metadata dataclass,
 backend, impl). The kernel is picked by DET_BACKEND_ATTENTION (det_backend/variants.py):
 `triton` (default) is ours (kernels/attention.py): every query token reduces its KV in tiles
 and fixed-size segments aligned to position 0, so its bits depend only on its own request;
-`fa3` is vLLM's FlashAttention-3 with every batch-dependent choice pinned (det_backend/fa3.py).
-Both read the same KV cache layout (vLLM's FlashAttention one). The KV cache is written
-(do_kv_cache_update) before attention runs, so prefill, chunked prefill and prefix-cache hits
-read the same cache.
+`fa3` is vLLM's FlashAttention-3 with every batch-dependent choice pinned (det_backend/fa3.py);
+`flashinfer` is FlashInfer's FA2 prefill kernel planned once per step with one pinned query tile
+and no split (det_backend/flashinfer_variant.py). All read the same KV cache layout (vLLM's
+FlashAttention one). The KV cache is written (do_kv_cache_update) before attention runs, so
+prefill, chunked prefill and prefix-cache hits read the same cache.
 
 Constructing the impl turns deterministic mode on in this process (det_backend.mode).
 """
@@ -35,6 +36,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import fa3, mode, variants
 from .config import SUPPORTED_DTYPES, SUPPORTED_KV_CACHE_DTYPES, DeterminismError
+from .flashinfer_variant import FlashInferPlanner, flashinfer_paged_attention
 from .kernels.attention import KV_SPLIT_SIZE, paged_attention, paged_attention_mixed
 
 
@@ -72,6 +74,8 @@ class DetAttentionMetadata:
     max_num_segments: int
     # Set for a mixed batch of an eager step (triton variant): its decodes, launched apart.
     decodes: DetDecodePart | None = None
+    # flashinfer variant: the group's planner, planned for this step.
+    flashinfer: FlashInferPlanner | None = None
 
 
 class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]):
@@ -90,6 +94,8 @@ class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]
     # token first whatever the backend (gpu/model_runner.py:891, 1652-1658). Bits never depend
     # on the order; a decode found after a prefill is launched with the prefills.
     reorder_batch_threshold: int = 1
+    # The flashinfer variant's planner (None for the other variants).
+    flashinfer: FlashInferPlanner | None = None
 
     def __init__(
         self,
@@ -103,6 +109,48 @@ class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]
         self.max_num_segments = -(-max_model_len // KV_SPLIT_SIZE)
         # fa3 launches any batch whole; only our kernel launches decodes apart.
         self.launch_decodes_apart = variants.read_variant() == "triton"
+        self.flashinfer = (
+            self._flashinfer_planner(kv_cache_spec, vllm_config, device)
+            if variants.read_variant() == "flashinfer"
+            else None
+        )
+
+    @staticmethod
+    def _flashinfer_planner(
+        spec: AttentionSpec, vllm_config: VllmConfig, device: torch.device
+    ) -> FlashInferPlanner:
+        # Every batch vLLM builds, CUDA-graph captures included, has at most this many requests
+        # and tokens; the planner pads each step's requests to one more than that.
+        sched, cc = vllm_config.scheduler_config, vllm_config.compilation_config
+        max_reqs = max(sched.max_num_seqs, cc.max_cudagraph_capture_size or 0)
+        max_model_len = vllm_config.model_config.max_model_len
+        return FlashInferPlanner(
+            max_num_reqs=max_reqs,
+            max_num_tokens=sched.max_num_batched_tokens,
+            max_pages=max_reqs * -(-max_model_len // spec.block_size),
+            num_q_heads=vllm_config.model_config.get_num_attention_heads(
+                vllm_config.parallel_config
+            ),
+            num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size,
+            page_size=spec.block_size,
+            dtype=spec.dtype,
+            device=device,
+        )
+
+    def _plan_flashinfer(self, cm: CommonAttentionMetadata, md: DetAttentionMetadata) -> None:
+        """Host work once per step for every layer of the group: query offsets from
+        query_start_loc_cpu, KV lengths from seq_lens_cpu_upper_bound (exact: det_backend
+        refuses speculative decoding), the page list gathered on the device."""
+        n = cm.num_reqs
+        seq_lens_cpu = cm.seq_lens_cpu_upper_bound
+        if seq_lens_cpu is None:
+            seq_lens_cpu = cm.seq_lens_cpu  # a device-to-host copy; vLLM 0.26 fills the bound
+        self.flashinfer.plan(
+            cm.query_start_loc_cpu[: n + 1], seq_lens_cpu[:n], cm.seq_lens[:n],
+            cm.block_table_tensor,
+        )  # fmt: skip
+        md.flashinfer = self.flashinfer
 
     def build(
         self,
@@ -111,6 +159,10 @@ class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]
         fast_build: bool = False,
     ) -> DetAttentionMetadata:
         cm = common_attn_metadata
+        if self.flashinfer is not None:
+            md = self._metadata(cm, 1)
+            self._plan_flashinfer(cm, md)
+            return md
         if self._may_be_full_graph(cm):
             return self._metadata(cm, self.max_num_segments)
         # max_seq_len is a host int that vLLM already holds (an upper bound on seq_lens:
@@ -156,7 +208,10 @@ class DetAttentionMetadataBuilder(AttentionMetadataBuilder[DetAttentionMetadata]
         # replays the graph for any batch of that shape: size the grid for max_model_len.
         # vLLM 0.26 also passes max_seq_len = max_model_len here (gpu_model_runner.py:2292-2296,
         # gpu/model_states/default.py:160-162); the bound does not rely on it.
-        return self._metadata(common_attn_metadata, self.max_num_segments)
+        md = self._metadata(common_attn_metadata, self.max_num_segments)
+        if self.flashinfer is not None:
+            self._plan_flashinfer(common_attn_metadata, md)
+        return md
 
     def _may_be_full_graph(self, cm: CommonAttentionMetadata) -> bool:
         """Whether a batch of this shape runs as a full CUDA graph, so that this eager build is
@@ -346,6 +401,11 @@ class DetAttentionImpl(AttentionImpl[DetAttentionMetadata]):
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        if self.variant == "flashinfer":
+            flashinfer_paged_attention(
+                query[:n], key_cache, value_cache, output[:n], attn_metadata.flashinfer, self.scale
+            )
+            return output
         if self.variant == "fa3":
             fa3.fa3_paged_attention(
                 query[:n],

@@ -38,6 +38,10 @@ BACKENDS = {
     "vllm_batch_invariant": {"attention_backend": None, "env": {"VLLM_BATCH_INVARIANT": "1"}},
     "det": {"attention_backend": "CUSTOM", "env": {"DET_BACKEND_ATTENTION": "triton"}},
     "det_fa3": {"attention_backend": "CUSTOM", "env": {"DET_BACKEND_ATTENTION": "fa3"}},
+    "det_flashinfer": {
+        "attention_backend": "CUSTOM",
+        "env": {"DET_BACKEND_ATTENTION": "flashinfer"},
+    },
 }
 WEIGHT_STD = 0.02
 WEIGHT_SEED = 1234

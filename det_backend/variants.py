@@ -6,7 +6,8 @@ the process that starts them):
 
     DET_BACKEND_ATTENTION=triton       our Triton paged attention (kernels/attention.py), default
     DET_BACKEND_ATTENTION=fa3          vLLM's bundled FlashAttention-3, pinned (det_backend/fa3.py)
-    DET_BACKEND_ATTENTION=flashinfer   not implemented yet: refused at start-up
+    DET_BACKEND_ATTENTION=flashinfer   FlashInfer's FA2 prefill kernel, one pinned tile, no split
+                                       (det_backend/flashinfer_variant.py)
 
 Why an environment variable and not --additional-config: vLLM 0.26 does carry
 `additional_config` to the workers inside VllmConfig, but vLLM asks the backend class for its
@@ -23,13 +24,18 @@ from __future__ import annotations
 import os
 
 from . import fa3
+from . import flashinfer_variant as flashinfer
 from .kernels import attention as triton_attention
 
 ENV_VAR = "DET_BACKEND_ATTENTION"
 DEFAULT = "triton"
 VARIANTS = ("triton", "fa3", "flashinfer")
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
-HEAD_SIZES = {"triton": triton_attention.SUPPORTED_HEAD_SIZES, "fa3": fa3.SUPPORTED_HEAD_SIZES}
+HEAD_SIZES = {
+    "triton": triton_attention.SUPPORTED_HEAD_SIZES,
+    "fa3": fa3.SUPPORTED_HEAD_SIZES,
+    "flashinfer": flashinfer.SUPPORTED_HEAD_SIZES,
+}
 # Layer features each variant refuses, and why (ATTENTION_VARIANTS.md, question a for fa3).
 # triton takes all four: kernels/attention.py (window aligned to position 0, fp32 softcap and
 # ALiBi per score, sinks as the first state of the merge).
@@ -41,6 +47,15 @@ REFUSED_FEATURES = {
         "depend on how its prompt was chunked",
         "alibi": "FA3 has no ALiBi",
         "sinks": "FA3 takes sinks (bf16 only) but this path is untested",
+    },
+    "flashinfer": {
+        "sliding_window": "FlashInfer starts a sliding-window query tile's KV at an offset set by "
+        "the tile's first row (prefill.cuh kv_start_idx) and its planner clips KV by the window "
+        "plus the tile, so a token's bits would depend on how its prompt was chunked",
+        "alibi": "FlashInfer's ALiBi mode is not wired or tested here",
+        "softcap": "FlashInfer takes softcap at plan time for a whole KV-cache group; not wired "
+        "or tested here",
+        "sinks": "FlashInfer's FA2 paged prefill kernel takes no sinks",
     },
 }
 
@@ -57,11 +72,6 @@ def head_sizes(variant: str) -> tuple[int, ...]:
 def _variant_problem(variant: str) -> str | None:
     if variant not in VARIANTS:
         return f"{ENV_VAR}={variant!r} is not an attention variant (choose one of {VARIANTS})"
-    if variant == "flashinfer":
-        return (
-            f"{ENV_VAR}=flashinfer: the FlashInfer variant is not implemented yet (issue 6); "
-            "use triton or fa3"
-        )
     return None
 
 
@@ -70,6 +80,8 @@ def platform_problems(variant: str) -> list[str]:
     problem = _variant_problem(variant)
     if problem is not None:
         return [problem]
+    if variant == "flashinfer":
+        return flashinfer.platform_problems()
     if variant != "fa3":
         return []
     try:

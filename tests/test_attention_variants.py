@@ -34,16 +34,13 @@ def test_variant_read_from_environment(value, expected, monkeypatch):
     assert variants.read_variant() == expected
 
 
-@pytest.mark.parametrize(
-    "variant, message",
-    [("fa4", "'fa4' is not an attention variant"), ("flashinfer", "not implemented yet")],
-)
-def test_unknown_or_unbuilt_variant_is_refused_everywhere(variant, message):
-    assert any(message in r for r in variants.layer_problems(variant, **SUPPORTED_LAYER))
-    assert any(message in r for r in variants.platform_problems(variant))
+def test_unknown_variant_is_refused_everywhere():
+    message = "'fa4' is not an attention variant"
+    assert any(message in r for r in variants.layer_problems("fa4", **SUPPORTED_LAYER))
+    assert any(message in r for r in variants.platform_problems("fa4"))
 
 
-@pytest.mark.parametrize("variant", ["triton", "fa3"])
+@pytest.mark.parametrize("variant", ["triton", "fa3", "flashinfer"])
 def test_supported_layer_has_no_problem(variant):
     assert variants.layer_problems(variant, **SUPPORTED_LAYER) == []
 
@@ -60,6 +57,13 @@ def test_supported_layer_has_no_problem(variant):
         ("fa3", {"sinks": torch.ones(8)}, "attention sinks"),
         ("fa3", {"attn_type": "encoder_only"}, "attention type"),
         ("fa3", {"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8"),
+        ("flashinfer", {"head_size": 96}, "head_size=96"),
+        ("flashinfer", {"sliding_window": 4096}, "sliding window (4096): FlashInfer starts"),
+        ("flashinfer", {"logits_soft_cap": 30.0}, "softcap (30.0): FlashInfer takes softcap"),
+        ("flashinfer", {"alibi_slopes": [0.5]}, "ALiBi"),
+        ("flashinfer", {"sinks": torch.ones(8)}, "attention sinks"),
+        ("flashinfer", {"attn_type": "encoder_decoder"}, "attention type"),
+        ("flashinfer", {"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8"),
     ],
 )
 def test_refusal_names_variant_and_feature(variant, kwargs, message):
@@ -133,8 +137,8 @@ def test_impl_refuses_variant_feature_at_construction(monkeypatch):
     with pytest.raises(DeterminismError, match=r"attention variant fa3: sliding window \(512\)"):
         DetAttentionImpl(num_heads=8, head_size=128, scale=0.1, num_kv_heads=2, sliding_window=512)
     monkeypatch.setenv(variants.ENV_VAR, "flashinfer")
-    with pytest.raises(DeterminismError, match="flashinfer.*not implemented"):
-        DetAttentionImpl(num_heads=8, head_size=128, scale=0.1, num_kv_heads=2)
+    with pytest.raises(DeterminismError, match=r"attention variant flashinfer: sliding window"):
+        DetAttentionImpl(num_heads=8, head_size=128, scale=0.1, num_kv_heads=2, sliding_window=64)
 
 
 def test_backend_sizes_follow_the_variant(monkeypatch):
