@@ -38,6 +38,16 @@ def test_llama8b_fa3_variant_alone_equals_batch():
     assert det["identical_batch_repeat"] == det["prompts_batch"]
 
 
+def test_llama8b_flashinfer_variant_alone_equals_batch():
+    """The flashinfer attention variant (DET_BACKEND_ATTENTION=flashinfer) end to end, as the
+    fa3 test above; its JIT build (nvcc) happens at engine start."""
+    result = compare("llama-3-8b", num_prompts=64, max_tokens=128, backends=("det_flashinfer",))
+    _keep("e2e_llama8b_flashinfer", result, "-k flashinfer")
+    det = {r["backend"]: r for r in result["runs"]}["det_flashinfer"]
+    assert det["identical_alone_vs_batch"] == det["prompts_alone"] == 64
+    assert det["identical_batch_repeat"] == det["prompts_batch"]
+
+
 def _keep(name: str, result: dict, command: str) -> None:
     if os.environ.get("DET_RESULTS_DIR"):
         result["command"] = (
