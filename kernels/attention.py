@@ -126,6 +126,17 @@ def _merge(M, L, ACC, m_s, l_s, acc_s):
 
 
 @triton.jit
+def _rows_and_dims(rows, d_ok, HEAD_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr):
+    """A [R, 1] row mask, extended to the padded head dims only where there are any: at
+    head sizes that are powers of two the masks stay what they were before padding existed."""
+    if HEAD_PAD == HEAD_SIZE:
+        mask = rows
+    else:
+        mask = rows & d_ok[None, :]
+    return mask
+
+
+@triton.jit
 def _initial_state(sinks_ptr, head, head_ok, ROWS: tl.constexpr, HEAD_PAD: tl.constexpr,
                    USE_SINKS: tl.constexpr):  # fmt: skip
     """(M, L, ACC) before the first segment is merged, the same in both launch modes.
@@ -220,14 +231,21 @@ def _attend_segment(
         # Slots at or past seq_len are unwritten (may hold NaN, and 0 * NaN poisons acc);
         # before kv_start, vLLM may have freed a sliding-window block (null block).
         in_seq = pos < seq_len
-        in_kv = in_seq & (pos >= kv_start)
+        if USE_WINDOW:
+            in_kv = in_seq & (pos >= kv_start)
+        else:
+            in_kv = in_seq
         block = tl.load(block_table_row_ptr + pos // BLOCK_SIZE, mask=in_kv, other=0)
         slot = pos % BLOCK_SIZE
         k_off = block.to(tl.int64) * stride_kb + slot * stride_ks + kv_head * stride_kh
         v_off = block.to(tl.int64) * stride_vb + slot * stride_vs + kv_head * stride_vh
-        k_mask = in_kv[None, :] & d_ok[:, None]
+        if HEAD_PAD == HEAD_SIZE:
+            k_mask = in_kv[None, :]
+            v_mask = in_kv[:, None]
+        else:
+            k_mask = in_kv[None, :] & d_ok[:, None]
+            v_mask = in_kv[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None], mask=k_mask, other=0.0)
-        v_mask = in_kv[:, None] & d_ok[None, :]
         v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)
         qk = tl.dot(q, k)
         visible = (pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
@@ -347,7 +365,7 @@ def _paged_attention_kernel(
     head = kv_head * G + offs_m % G
     q = tl.load(
         q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
+        mask=_rows_and_dims(row_ok[:, None], d_ok, HEAD_PAD, HEAD_SIZE),
         other=0.0,
     )
     q_pos = context_len + q_idx
@@ -373,7 +391,7 @@ def _paged_attention_kernel(
             tl.store(
                 ws_acc_ptr + ws_row[:, None] * HEAD_SIZE + offs_d[None, :],
                 acc_s,
-                mask=row_ok[:, None] & d_ok[None, :],
+                mask=_rows_and_dims(row_ok[:, None], d_ok, HEAD_PAD, HEAD_SIZE),
             )
     else:
         M, L, ACC = _initial_state(sinks_ptr, head, row_ok, BLOCK_M, HEAD_PAD, USE_SINKS)
@@ -391,7 +409,7 @@ def _paged_attention_kernel(
         tl.store(
             out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             o.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & d_ok[None, :],
+            mask=_rows_and_dims(row_ok[:, None], d_ok, HEAD_PAD, HEAD_SIZE),
         )
 
 
@@ -460,7 +478,7 @@ def _merge_segments_kernel(
             l_s = tl.load(ws_l_ptr + ws_row + seg, mask=ok, other=0.0)
             acc_s = tl.load(
                 ws_acc_ptr + (ws_row + seg)[:, None] * HEAD_SIZE + offs_d[None, :],
-                mask=ok[:, None] & d_ok[None, :],
+                mask=_rows_and_dims(ok[:, None], d_ok, HEAD_PAD, HEAD_SIZE),
                 other=0.0,
             )
             M, L, ACC = _merge(M, L, ACC, m_s, l_s, acc_s)
@@ -470,7 +488,7 @@ def _merge_segments_kernel(
     tl.store(
         out_ptr + token.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         o.to(out_ptr.dtype.element_ty),
-        mask=head_ok[:, None] & d_ok[None, :],
+        mask=_rows_and_dims(head_ok[:, None], d_ok, HEAD_PAD, HEAD_SIZE),
     )
 
 
