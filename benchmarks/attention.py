@@ -107,6 +107,8 @@ def providers(t: dict, kind: str) -> dict:
     from det_backend.flashinfer_variant import flashinfer_paged_attention
 
     scale = HEAD**-0.5
+    # The leading arguments every one of our launchers takes, in their order.
+    common = (t["q"], t["k"], t["v"], t["out"], t["cu"], t["seq_lens"], t["table"], scale)
 
     def fa3(num_splits: int):
         return lambda: flash_attn_varlen_func(
@@ -127,14 +129,7 @@ def providers(t: dict, kind: str) -> dict:
 
     def ours(max_num_segments: int, block_q: int | None = None):
         return lambda: paged_attention(
-            t["q"],
-            t["k"],
-            t["v"],
-            t["out"],
-            t["cu"],
-            t["seq_lens"],
-            t["table"],
-            scale,
+            *common,
             t["max_q"],
             max_num_segments,
             block_q=block_q,
@@ -145,14 +140,7 @@ def providers(t: dict, kind: str) -> dict:
 
     def ours_mixed(prefill_block_q: int | None = None):
         return lambda: paged_attention_mixed(
-            t["q"],
-            t["k"],
-            t["v"],
-            t["out"],
-            t["cu"],
-            t["seq_lens"],
-            t["table"],
-            scale,
+            *common,
             t["max_q"],
             segments(t["prefill_max_k"]),
             t["num_decodes"],
@@ -167,14 +155,7 @@ def providers(t: dict, kind: str) -> dict:
         "ours": ours(real_bound) if kind == "decode" else ours_mixed(),
         # The fa3 variant (DET_BACKEND_ATTENTION=fa3): FA3 pinned to one split.
         "det_fa3": lambda: fa3_paged_attention(
-            t["q"],
-            t["k"],
-            t["v"],
-            t["out"],
-            t["cu"],
-            t["seq_lens"],
-            t["table"],
-            scale,
+            *common,
             t["max_q"],
             t["max_k"],
         ),
