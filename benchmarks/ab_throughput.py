@@ -28,6 +28,8 @@ LABELS = {
     "vllm_batch_invariant": "VLLM_BATCH_INVARIANT=1",
     "det": "det_backend",
     "det_fa3": "det_backend, fa3 variant",
+    "det_flashinfer": "det_backend, flashinfer variant",
+    "det_two_rank": "det_backend, two-rank all-reduce",
 }
 
 
@@ -83,16 +85,26 @@ def main() -> None:
     parser.add_argument(
         "--tensor-parallel-size", type=int, default=1, help="GPUs per engine (issue 8: TP=2)"
     )
+    parser.add_argument(
+        "--workloads",
+        default="prefill_mix,decode_heavy",
+        help="comma-separated subset of prefill_mix,decode_heavy",
+    )
     args = parser.parse_args()
     backends = parse_backends(args.backends)
     if args.plot:
         plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
         return
     vocab = vocab_size(args.config)
-    workloads = [
-        workload("prefill_mix", 256, 128, args.alone, vocab),
-        workload("decode_heavy", 64, 1024, max(1, args.alone // 8), vocab),
-    ]
+    every = {
+        "prefill_mix": lambda: workload("prefill_mix", 256, 128, args.alone, vocab),
+        "decode_heavy": lambda: workload("decode_heavy", 64, 1024, max(1, args.alone // 8), vocab),
+    }
+    names = [n for n in args.workloads.split(",") if n]
+    unknown = [n for n in names if n not in every]
+    if unknown or not names:
+        raise SystemExit(f"--workloads: unknown {unknown or names}; choose from {list(every)}")
+    workloads = [every[n]() for n in names]
     dets = tuple(b for b in backends if b.startswith("det"))
     result = run_backends(
         args.config,

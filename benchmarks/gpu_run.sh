@@ -27,16 +27,22 @@
 #                                         without DET_BACKEND_TP_INVARIANT (tp_invariance.json;
 #                                         enforce_eager unless TP_INV_EAGER=0) and the TP=2
 #                                         tp_demo test (tp_demo.json), log tp_multigpu.log
+#   bash benchmarks/gpu_run.sh install    only install (then SKIP_INSTALL=1 for modes run side by side,
+#                                         one per GPU: CUDA_VISIBLE_DEVICES and OUT of their own)
 #   bash benchmarks/gpu_run.sh all
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$REPO/out}"; mkdir -p "$OUT"
 # pytest and its needs travel as wheels in .whl/ (carried with the call), when present.
-if compgen -G "$REPO/.whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$REPO"/.whl/*.whl 2>&1 | grep -v -i warning
+# SKIP_INSTALL=1: /tmp/site is already installed (two modes run at once, one per GPU, after
+# one `bash benchmarks/gpu_run.sh install`: two pip installs into one target would collide).
+if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
+  if compgen -G "$REPO/.whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site "$REPO"/.whl/*.whl 2>&1 | grep -v -i warning
+  fi
+  python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site "$REPO" 2>&1 \
+    | grep -v -i -E 'warning|already exists' || true
 fi
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site "$REPO" 2>&1 \
-  | grep -v -i -E 'warning|already exists' || true
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 # Run from outside the checkout: its det_backend/ folder must not shadow the installed package.
 cd /tmp
@@ -155,11 +161,14 @@ for bench in rmsnorm attention moe sampling; do
 done
 if [[ $what == *" tp "* ]]; then
   # Quick parts first: if the engine part overruns the call, these are already under $OUT.
+  # TP_ONE_GPU=0 skips the two one-GPU parts (run them on a one-GPU host, where they count less).
+  if [[ "${TP_ONE_GPU:-1}" == 1 ]]; then
   python3 -m pytest -q -m "gpu and not slow" "$REPO/tests/test_tp_invariance.py" -p no:cacheprovider \
     2>&1 | tee "$OUT/tp_kernels.log" | tail -5
   rc=$(( rc | ${PIPESTATUS[0]} ))
   python3 "$REPO/benchmarks/tp_gemm.py" --out "$OUT/tp_gemm.json" > "$OUT/tp_gemm.log" 2>&1
   rc=$(( rc | $? )); tail -6 "$OUT/tp_gemm.log"
+  fi
   # 7 engine starts: TP=1 x2 side by side, TP=2 x2 (eager), then tp_demo's 3 at TP=2 (compiled).
   TP_INV_EAGER="${TP_INV_EAGER:-1}" DET_RESULTS_DIR="$OUT" python3 -m pytest -q -s -m multigpu \
     "$REPO/tests/test_tp_invariance.py" "$REPO/tests/test_tensor_parallel.py" -p no:cacheprovider \
@@ -170,8 +179,9 @@ fi
 if [[ $what == *" ab "* ]]; then
   # AB_BACKENDS: engines to compare, e.g. default,det,det_fa3 (default: default, vLLM BI, det).
   # AB_TP: GPUs per engine (2 on a two-GPU host: issue 8's A/B at TP=2).
+  # AB_WORKLOADS: a subset of prefill_mix,decode_heavy (default: both).
   python3 "$REPO/benchmarks/ab_throughput.py" ${AB_BACKENDS:+--backends "$AB_BACKENDS"} \
-    ${AB_TP:+--tensor-parallel-size "$AB_TP"} \
+    ${AB_TP:+--tensor-parallel-size "$AB_TP"} ${AB_WORKLOADS:+--workloads "$AB_WORKLOADS"} \
     --out "$OUT/ab_throughput.json" > "$OUT/ab.log" 2>&1
   rc=$(( rc | $? )); grep -E "tok/s|Error|error" "$OUT/ab.log" | tail -20
   cache_report ab

@@ -42,6 +42,11 @@ BACKENDS = {
         "attention_backend": "CUSTOM",
         "env": {"DET_BACKEND_ATTENTION": "flashinfer"},
     },
+    # TP=2 only: vLLM's custom all-reduce and unpinned NCCL (patches/tensor_parallel.py).
+    "det_two_rank": {
+        "attention_backend": "CUSTOM",
+        "env": {"DET_BACKEND_ATTENTION": "triton", "DET_BACKEND_TP_ALLREDUCE": "two-rank"},
+    },
 }
 WEIGHT_STD = 0.02
 WEIGHT_SEED = 1234

@@ -65,6 +65,41 @@ VLLM_ENV = {
 }
 ENV = {**NCCL_ENV, **VLLM_ENV}
 
+# DET_BACKEND_TP_ALLREDUCE (read in every process, like DET_BACKEND_ATTENTION) picks how the
+# tensor-parallel all-reduce stays deterministic:
+# - "nccl" (default): NCCL pinned as above, vLLM's custom all-reduce off, at every TP size.
+# - "two-rank": at tensor_parallel_size=2 only, vLLM's custom all-reduce and NCCL as vLLM picks
+#   them. With two addends every algorithm computes each element as one rounded sum of the
+#   two partials, and a + b = b + a bit for bit, so message size, algorithm, channels and
+#   protocol cannot change the bits: the custom all-reduce (custom_all_reduce.cuh: each rank
+#   upcasts both partials, adds in fp32 in its own rank-rotated order, rounds once), NCCL's
+#   ring and tree at 2 ranks (one add per element). From 3 ranks the orders differ ((a+b)+c
+#   vs a+(b+c)), so it is refused there. Symmetric-memory and FlashInfer all-reduces and the
+#   COMM_PASSES stay off in both modes (multimem reductions in the switch, fused RMSNorm).
+ALLREDUCE_ENV = "DET_BACKEND_TP_ALLREDUCE"
+ALLREDUCE_MODES = ("nccl", "two-rank")
+
+
+def allreduce_mode() -> str:
+    """The DET_BACKEND_TP_ALLREDUCE setting ("nccl" when unset); ValueError names a bad value."""
+    value = os.environ.get(ALLREDUCE_ENV, "").strip().lower() or "nccl"
+    if value not in ALLREDUCE_MODES:
+        raise ValueError(
+            f"det_backend: {ALLREDUCE_ENV}={os.environ[ALLREDUCE_ENV]!r} is not one of "
+            f"{', '.join(ALLREDUCE_MODES)}"
+        )
+    return value
+
+
+def _two_rank(tensor_parallel_size: int) -> bool:
+    return tensor_parallel_size == 2 and allreduce_mode() == "two-rank"
+
+
+def required_env(tensor_parallel_size: int) -> dict[str, str]:
+    """The environment a TP rank must see: VLLM_ENV always, NCCL_ENV unless two-rank."""
+    return VLLM_ENV if _two_rank(tensor_parallel_size) else ENV
+
+
 # PassConfig fields whose compile passes rewrite the tensor-parallel all-reduce.
 COMM_PASSES = ("fuse_allreduce_rms", "enable_sp", "fuse_gemm_comms")
 
@@ -104,12 +139,21 @@ def _selects_our_backend(engine_args) -> bool:
 
 def pin(engine_args) -> None:
     """Sets ENV in this process (and so in the engine processes it starts), custom all-reduce
-    off and COMM_PASSES off unless set by the user. Idempotent."""
+    off and COMM_PASSES off unless set by the user. Idempotent. In two-rank mode at TP=2:
+    VLLM_ENV only, and the custom all-reduce stays as the user set it."""
     import torch.distributed
     from vllm.logger import init_logger
 
-    unpinned = {name: os.environ.get(name) for name, value in ENV.items()}
-    unpinned = {name: value for name, value in unpinned.items() if value != ENV[name]}
+    tp = engine_args.tensor_parallel_size
+    if allreduce_mode() == "two-rank" and tp != 2:
+        raise ValueError(
+            f"det_backend: {ALLREDUCE_ENV}=two-rank is deterministic at tensor_parallel_size=2 "
+            f"only (from 3 ranks the partials are added in an order that depends on the "
+            f"algorithm); got tensor_parallel_size={tp}. Unset it to pin NCCL instead."
+        )
+    env = required_env(tp)
+    unpinned = {name: os.environ.get(name) for name, value in env.items()}
+    unpinned = {name: value for name, value in unpinned.items() if value != env[name]}
     if unpinned and torch.distributed.is_initialized():
         raise RuntimeError(
             "det_backend: torch.distributed was initialized in this process before the engine "
@@ -121,10 +165,11 @@ def pin(engine_args) -> None:
         init_logger(__name__).warning(
             "det_backend: overriding %s with %s for a deterministic all-reduce",
             overridden,
-            {name: ENV[name] for name in overridden},
+            {name: env[name] for name in overridden},
         )
-    os.environ.update(ENV)
-    engine_args.disable_custom_all_reduce = True
+    os.environ.update(env)
+    if not _two_rank(tp):
+        engine_args.disable_custom_all_reduce = True
     pass_config = engine_args.compilation_config.pass_config
     for name in COMM_PASSES:
         # None = "the optimization level decides" (config/vllm.py:783); a user's True stays
@@ -186,6 +231,11 @@ def parallel_problems(vllm_config) -> list[str]:
             "(all-to-all), outside our MoE kernel"
         )
     tp = par.tensor_parallel_size
+    if tp == 1:
+        try:  # a bad value is an error at any size, not only where an all-reduce runs
+            allreduce_mode()
+        except ValueError as e:
+            reasons.append(str(e))
     if tp not in SUPPORTED_TENSOR_PARALLEL_SIZES:
         reasons.append(
             f"tensor_parallel_size={tp} (supported: "
@@ -210,7 +260,16 @@ def _tensor_parallel_problems(vllm_config) -> list[str]:
             "mixture-of-experts layers with tensor_parallel_size > 1 (patches/moe.py is checked "
             "at tensor_parallel_size=1 only)"
         )
-    if not par.disable_custom_all_reduce:
+    try:
+        two_rank = _two_rank(par.tensor_parallel_size)
+    except ValueError as e:
+        return [*reasons, str(e)]
+    if allreduce_mode() == "two-rank" and not two_rank:
+        reasons.append(
+            f"{ALLREDUCE_ENV}=two-rank at tensor_parallel_size={par.tensor_parallel_size}: it "
+            "is deterministic with two ranks only; unset it to pin NCCL"
+        )
+    if not par.disable_custom_all_reduce and not two_rank:
         reasons.append(
             "custom all-reduce is on (disable_custom_all_reduce=False); det_backend turns it off "
             "when the engine is built through EngineArgs, else pass disable_custom_all_reduce=True"
@@ -222,25 +281,29 @@ def _tensor_parallel_problems(vllm_config) -> list[str]:
                 f"compilation pass {name}=True rewrites the tensor-parallel all-reduce (and "
                 "fuse_allreduce_rms replaces our RMSNorm); set it to False"
             )
-    wrong = {name: os.environ.get(name) for name, value in ENV.items()}
-    wrong = {name: value for name, value in wrong.items() if value != ENV[name]}
+    env = VLLM_ENV if two_rank else ENV
+    wrong = {name: os.environ.get(name) for name, value in env.items()}
+    wrong = {name: value for name, value in wrong.items() if value != env[name]}
     if wrong:
         reasons.append(
             "the all-reduce environment was not pinned before the NCCL communicators were "
             "created ("
-            + ", ".join(f"{name}={value!r}, needs {ENV[name]!r}" for name, value in wrong.items())
+            + ", ".join(f"{name}={value!r}, needs {env[name]!r}" for name, value in wrong.items())
             + f"); {_HOW_TO_PIN}"
         )
     return reasons
 
 
-def communicator_problems(communicator) -> list[str]:
-    """All-reduce paths other than NCCL that are live in a tensor-parallel CudaCommunicator."""
+def communicator_problems(communicator, world_size: int = 0) -> list[str]:
+    """All-reduce paths other than NCCL that are live in a tensor-parallel CudaCommunicator
+    (vLLM's custom all-reduce is allowed in two-rank mode with world_size 2)."""
+    allowed = {"ca_comm"} if world_size and _two_rank(world_size) else set()
     return [
         f"{what} is active in the tensor-parallel group ({attr}); only NCCL's all-reduce is "
         "pinned to a fixed order"
         for attr, what in _OTHER_ALL_REDUCES.items()
-        if getattr(communicator, attr, None) is not None
+        if attr not in allowed
+        and getattr(communicator, attr, None) is not None
         and not getattr(communicator, attr).disabled
     ]
 
@@ -258,7 +321,7 @@ def problems() -> list[str]:
     if parallel_state.model_parallel_is_initialized():
         group = parallel_state.get_tp_group()
         if group.world_size > 1:
-            reasons += communicator_problems(group.device_communicator)
+            reasons += communicator_problems(group.device_communicator, group.world_size)
             if is_symmetric_memory_enabled():
                 reasons.append("NCCL symmetric-memory all-reduce is enabled")
     return reasons

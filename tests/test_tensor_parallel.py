@@ -12,7 +12,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from det_backend.patches import tensor_parallel
-from det_backend.patches.tensor_parallel import COMM_PASSES, ENV, NCCL_ENV, VLLM_ENV
+from det_backend.patches.tensor_parallel import (
+    ALLREDUCE_ENV,
+    COMM_PASSES,
+    ENV,
+    NCCL_ENV,
+    VLLM_ENV,
+)
 
 from det_backend.config import config_problems
 
@@ -21,7 +27,7 @@ from det_backend.config import config_problems
 def clean_env():
     """No pin set beforehand; the process environment restored afterwards."""
     saved = dict(os.environ)
-    for name in ENV:
+    for name in (*ENV, ALLREDUCE_ENV):
         os.environ.pop(name, None)
     yield
     os.environ.clear()
@@ -234,6 +240,57 @@ def test_config_problems_accept_pinned_tp2(pinned_env, monkeypatch):
     cfg.additional_config = {}
     reasons = config_problems(cfg)
     assert len(reasons) == (0 if torch.cuda.is_available() else 1), reasons
+
+
+def test_two_rank_mode_pins_only_the_vllm_paths_and_keeps_custom_all_reduce(clean_env):
+    """DET_BACKEND_TP_ALLREDUCE=two-rank at TP=2: NCCL as vLLM configures it and the custom
+    all-reduce stay (two addends: every order gives one rounded a + b); symmetric memory,
+    FlashInfer's all-reduce and the comm passes stay off."""
+    os.environ[ALLREDUCE_ENV] = "two-rank"
+    args = _engine_args(tensor_parallel_size=2, attention_backend="CUSTOM")
+    before = dict(os.environ)
+    tensor_parallel.pin(args)
+    assert {k: v for k, v in os.environ.items() if before.get(k) != v} == VLLM_ENV
+    assert args.disable_custom_all_reduce is False
+    for name in COMM_PASSES:
+        assert getattr(args.compilation_config.pass_config, name) is False
+    assert (
+        tensor_parallel.parallel_problems(_fake_config(2, disable_custom_all_reduce=False)) == []
+    )
+    assert tensor_parallel.communicator_problems(_communicator(ca_comm=True), 2) == []
+    # The other paths stay refused in this mode, and the custom all-reduce at 4 ranks.
+    assert tensor_parallel.communicator_problems(_communicator(symm_mem_comm=True), 2)
+    assert tensor_parallel.communicator_problems(_communicator(ca_comm=True), 4)
+
+
+def test_two_rank_mode_still_needs_the_vllm_env(clean_env):
+    os.environ[ALLREDUCE_ENV] = "two-rank"
+    os.environ.update(VLLM_ENV)
+    os.environ["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "1"
+    (reason,) = tensor_parallel.parallel_problems(_fake_config(2, disable_custom_all_reduce=False))
+    assert "VLLM_ALLREDUCE_USE_SYMM_MEM='1', needs '0'" in reason
+
+
+def test_two_rank_mode_refused_beyond_two_ranks(clean_env, monkeypatch):
+    os.environ[ALLREDUCE_ENV] = "two-rank"
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 only.*tensor_parallel_size=4"):
+        tensor_parallel.pin(_engine_args(tensor_parallel_size=4, attention_backend="CUSTOM"))
+    monkeypatch.setattr(tensor_parallel, "SUPPORTED_TENSOR_PARALLEL_SIZES", (1, 2, 4))
+    os.environ.update(ENV)
+    reasons = tensor_parallel.parallel_problems(_fake_config(4))
+    assert any("two-rank at tensor_parallel_size=4" in r for r in reasons), reasons
+
+
+def test_default_mode_refuses_custom_all_reduce_and_a_bad_mode_is_named(clean_env):
+    os.environ.update(ENV)
+    assert tensor_parallel.communicator_problems(_communicator(ca_comm=True), 2)
+    os.environ[ALLREDUCE_ENV] = "fastest"
+    (reason,) = tensor_parallel.parallel_problems(_fake_config(2))
+    assert "DET_BACKEND_TP_ALLREDUCE='fastest' is not one of nccl, two-rank" in reason
+    with pytest.raises(ValueError, match="'fastest' is not one of"):
+        tensor_parallel.pin(_engine_args(tensor_parallel_size=2, attention_backend="CUSTOM"))
+    (reason,) = tensor_parallel.parallel_problems(_fake_config(1))
+    assert "'fastest' is not one of" in reason
 
 
 @pytest.mark.gpu
