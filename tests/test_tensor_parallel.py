@@ -254,9 +254,7 @@ def test_two_rank_mode_pins_only_the_vllm_paths_and_keeps_custom_all_reduce(clea
     assert args.disable_custom_all_reduce is False
     for name in COMM_PASSES:
         assert getattr(args.compilation_config.pass_config, name) is False
-    assert (
-        tensor_parallel.parallel_problems(_fake_config(2, disable_custom_all_reduce=False)) == []
-    )
+    assert tensor_parallel.parallel_problems(_fake_config(2, disable_custom_all_reduce=False)) == []
     assert tensor_parallel.communicator_problems(_communicator(ca_comm=True), 2) == []
     # The other paths stay refused in this mode, and the custom all-reduce at 4 ranks.
     assert tensor_parallel.communicator_problems(_communicator(symm_mem_comm=True), 2)
