@@ -16,6 +16,7 @@ are prefixed with its name (`det_tok_s`, `det_fa3_tok_s`, ...).
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -118,6 +119,12 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "backends": list(backends),
         "tensor_parallel_size": args.tensor_parallel_size,
+        # What the engines inherited that changes them (gpu_run.sh sets some at TP > 1).
+        "env": {
+            k: v
+            for k, v in sorted(os.environ.items())
+            if k.startswith(("VLLM_", "NCCL_", "DET_")) and k != "VLLM_LOGGING_LEVEL"
+        },
         "workloads": {},
     }
     for name, w in result["workloads"].items():

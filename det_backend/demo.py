@@ -52,6 +52,36 @@ WEIGHT_STD = 0.02
 WEIGHT_SEED = 1234
 
 
+# An engine process that outlives this (seconds): DET_ENGINE_TIMEOUT_S. An engine whose
+# worker died can leave the parent waiting forever (seen on two H200s: a TP=2 worker crashed
+# in CUDA-graph capture and the benchmark then sat idle for the rest of its call).
+ENGINE_TIMEOUT_S = 1500.0
+
+
+def run_engine_process(cmd: list[str], env: dict, what: str) -> None:
+    """Runs one engine process in a session of its own and waits at most DET_ENGINE_TIMEOUT_S.
+    On a failure or a timeout, and after success, the whole process group is killed, so a
+    worker left behind cannot hold a GPU for the next engine. RuntimeError names `what`."""
+    import signal
+
+    timeout = float(os.environ.get("DET_ENGINE_TIMEOUT_S", ENGINE_TIMEOUT_S))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+    if code is None:
+        raise RuntimeError(f"det_backend: {what} did not finish in {timeout:.0f} s (killed)")
+    if code != 0:
+        raise RuntimeError(f"det_backend: {what} failed with exit code {code}")
+
+
 def write_model_dir(config: str, directory: str) -> str:
     """A model folder holding only config.json: a bundled name or a path to a config.json."""
     if config in CONFIGS:
@@ -299,7 +329,7 @@ def run_backends(
                 f"== {backend}: starting an engine (compile and CUDA graphs take a minute)",
                 flush=True,
             )
-            subprocess.run(cmd, env=env, check=True)
+            run_engine_process(cmd, env, f"the {backend} engine")
             for name, run in json.loads(out.read_text()).items():
                 entry = result["workloads"].setdefault(
                     name,

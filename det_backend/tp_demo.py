@@ -14,7 +14,6 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,7 +38,7 @@ def _run_engine(backend: str, tp: int, model_dir: str, plan: Path, out: Path, ve
     cmd += ["--tensor-parallel-size", str(tp), "--model-dir", model_dir]
     cmd += ["--plan", str(plan), "--out", str(out)]
     print(f"== {backend}, tensor_parallel_size={tp}: starting an engine", flush=True)
-    subprocess.run(cmd, env=env, check=True)
+    demo.run_engine_process(cmd, env, f"the {backend} engine at TP={tp}")
     return json.loads(out.read_text())["main"]
 
 

@@ -83,13 +83,34 @@ def _start(mode: str, tp: int, gpus: list[str], tmp: str, verbose: bool) -> subp
     cmd += ["--tensor-parallel-size", str(tp), "--model-dir", str(Path(tmp, "model"))]
     cmd += ["--plan", str(Path(tmp, "plan.json")), "--out", str(Path(tmp, f"{mode}-tp{tp}.json"))]
     print(f"== {mode}, tensor_parallel_size={tp} on GPU {','.join(gpus)}: starting", flush=True)
-    return subprocess.Popen(cmd, env=env)
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
 
 
 def _wait(procs: list[subprocess.Popen]) -> None:
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"det_backend.tp_invariance: an engine process failed ({codes})")
+    """Waits for engines started side by side, together at most DET_ENGINE_TIMEOUT_S, then
+    kills each one's process group (demo.run_engine_process says why)."""
+    import signal
+
+    deadline = time.monotonic() + float(
+        os.environ.get("DET_ENGINE_TIMEOUT_S", demo.ENGINE_TIMEOUT_S)
+    )
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.wait()
+    if any(c != 0 for c in codes):
+        raise RuntimeError(
+            f"det_backend.tp_invariance: an engine process failed or timed out "
+            f"(exit codes {codes}; None: killed at DET_ENGINE_TIMEOUT_S)"
+        )
 
 
 def _visible_gpus() -> list[str]:
