@@ -71,23 +71,31 @@ def make_timer(eager: bool):
     return bench if eager else lambda fn: bench(graphed(fn))
 
 
-def sweep_point(x, w, ours, candidates, timer=bench) -> dict:
+def sweep_point(x, w, ours, candidates, timer=bench, walls: dict | None = None) -> dict:
     """Milliseconds per candidate at one point; None where its bits differ from its split_k
-    group's first output here (the table's own output for split_k 1), or an error string."""
+    group's first output here (the table's own output for split_k 1), or an error string.
+    walls, if given, receives per candidate [first call s (JIT compile or cache load),
+    timing s]: where an H200 sweep's ~80 s per point went."""
     import torch
     from det_backend.kernels.matmul import matmul
 
     times, first = {}, {1: ours}
     for cfg in candidates:
         key = str(tuple(cfg[1:]))
+        start = time.perf_counter()
         try:
             y = matmul(x, w, config=cfg)
+            torch.cuda.synchronize()
         except Exception as e:  # a config this Triton cannot compile is a result, not a crash
             times[key] = f"error: {type(e).__name__}: {str(e)[:200]}"
             print(f"  {key}: {times[key]}", flush=True)
             continue
+        first_s = time.perf_counter() - start
         same = torch.equal(y, first.setdefault(cfg.split_k, y))
+        start = time.perf_counter()
         times[key] = timer(lambda x=x, w=w, cfg=cfg: matmul(x, w, config=cfg)) if same else None
+        if walls is not None:
+            walls[key] = [round(first_s, 3), round(time.perf_counter() - start, 3)]
     return times
 
 
@@ -124,11 +132,15 @@ def run(sweep: bool, max_m: int, layers: str | None, out: Path, eager: bool = Fa
                 "vllm_bi_ms": timer(lambda x=x, w=w: matmul_persistent(x, w.t())),
                 "floor_ms": 2 * (m * k + n * k + m * n) / bandwidth * 1e3,
             }
+            point["fixed_wall_s"] = time.perf_counter() - start  # ours, cuBLAS, vLLM BI
             point["speedup_vs_cublas"] = point["cublas_ms"] / point["ours_ms"]
             point["tflops"] = 2 * m * n * k / (point["ours_ms"] * 1e-3) / 1e12
             if sweep:
                 fits = [c for c in MATMUL_CANDIDATES if sweep_fits(c, m)]
-                point["candidates"] = sweep_point(x, w, ours, fits, timer)
+                point["candidate_wall_s"] = {}
+                point["candidates"] = sweep_point(
+                    x, w, ours, fits, timer, point["candidate_wall_s"]
+                )
             # Wall time per point: an H200 sweep took ~80 s per point for 9-21 candidates that
             # compile in ~20 s in all (benchmarks/prebuild_cache.py); this says where it goes.
             point["wall_s"] = time.perf_counter() - start
