@@ -12,7 +12,8 @@
 #   bash benchmarks/gpu_run.sh gemm       the GEMM benchmark with the committed table (gemm.json)
 #   bash benchmarks/gpu_run.sh rmsnorm    RMSNorm vs vLLM's CUDA ops (rmsnorm.json)
 #   bash benchmarks/gpu_run.sh attention  attention vs FA3 (attention.json)
-#   bash benchmarks/gpu_run.sh matrix     invariance matrix through vllm serve (invariance_matrix.json)
+#   bash benchmarks/gpu_run.sh matrix     invariance matrix through vllm serve (invariance_matrix.json);
+#                                         DET_MATRIX_TP=2: every server at --tensor-parallel-size 2
 #   bash benchmarks/gpu_run.sh seeded     seeded sampling (penalties, logit bias) through vllm serve:
 #                                         4 det cells + the default control (invariance_matrix_seeded.json),
 #                                         then offline after preemption (e2e_seeded_preemption.json);
@@ -74,7 +75,7 @@ cache_report() {
 }
 what=" ${*:-all} "
 rc=0
-if [[ $what == *" tp "* || "${AB_TP:-1}" != 1 ]]; then
+if [[ $what == *" tp "* || "${AB_TP:-1}" != 1 || "${DET_MATRIX_TP:-1}" != 1 ]]; then
   # Several GPUs: vLLM skips its P2P check by default (envs.py VLLM_SKIP_P2P_CHECK) and trusts
   # the driver. On two H200s here (2026-11-26) vLLM's default engine at TP=2 hung for a minute
   # in its first forward before CUDA-graph capture, then died with an illegal memory access;

@@ -187,6 +187,7 @@ def run_variant(
     record: Callable[[str, dict], None],
     reference_file: Path | None = None,
     sampling: dict[str, Any] | None = None,
+    tensor_parallel_size: int = 1,
 ) -> None:
     """Every requested cell for one variant; each server is started and stopped here, and
     each cell's score goes to `record` as soon as it is known (a run cut short keeps them).
@@ -194,7 +195,8 @@ def run_variant(
     reference_file: the reference pass's outputs are saved there, and read back instead of
     run again when no requested cell needs the reference server (runs split over several
     calls on one host; the checkpoint is the same, its weights are seeded).
-    sampling: None for greedy, else what _settings takes (SEEDED)."""
+    sampling: None for greedy, else what _settings takes (SEEDED).
+    tensor_parallel_size > 1: every server runs `--tensor-parallel-size` (issue 8)."""
     base = [
         *VARIANTS[variant],
         "--skip-tokenizer-init",
@@ -203,6 +205,8 @@ def run_variant(
         "--gpu-memory-utilization",
         "0.85",
     ]
+    if tensor_parallel_size > 1:
+        base += ["--tensor-parallel-size", str(tensor_parallel_size)]
 
     def serve(extra: list[str]):
         return drift.serve_vllm(checkpoint, 0, base + extra, SERVE_TIMEOUT_S)
@@ -284,6 +288,7 @@ def run_matrix(
     reference_dir: str | None = None,
     sampling: dict[str, Any] | None = None,
     num_prompts: int = NUM_PROMPTS,
+    tensor_parallel_size: int = 1,
 ) -> dict:
     """Our backend's cells and the control's; with `out`, the JSON is rewritten after every
     cell, so a run stopped part-way keeps what it measured. sampling: None (greedy) or
@@ -298,6 +303,7 @@ def run_matrix(
         "command": " ".join(["det-backend matrix", *sys.argv[1:]]),
         "sampling": sampling,
         "num_prompts": num_prompts,
+        "tensor_parallel_size": tensor_parallel_size,
     }
 
     def save() -> None:
@@ -351,8 +357,19 @@ def run_matrix(
                 if reference_dir:
                     Path(reference_dir).mkdir(parents=True, exist_ok=True)
                     name = f"{model}-{layers}-{variant}{_mode_tag(sampling, num_prompts)}"
+                    if tensor_parallel_size > 1:
+                        name += f"-tp{tensor_parallel_size}"
                     ref_file = Path(reference_dir, f"{name}.json")
-                run_variant(checkpoint, variant, prompts, wanted, record, ref_file, sampling)
+                run_variant(
+                    checkpoint,
+                    variant,
+                    prompts,
+                    wanted,
+                    record,
+                    ref_file,
+                    sampling,
+                    tensor_parallel_size,
+                )
     save()
     return result
 
@@ -455,6 +472,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="invariance_matrix.json")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of each shape")
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="GPUs per server (issue 8: 2)"
+    )
     parser.add_argument("--cells", default=",".join(ALL_CELLS), help="our backend's cells")
     parser.add_argument(
         "--default-cells", default=",".join(ALL_CELLS), help="the control's cells ('' for none)"
@@ -494,6 +514,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m det_backend.matri
             out=args.out,
             sampling=sampling_from_args(args),
             num_prompts=args.prompts,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
     print_matrix(result)
     return 0 if all(c["identical_fraction"] == 1.0 for c in result["cells"]) else 1

@@ -166,9 +166,32 @@ def test_matrix_seeded_cells_send_the_settings_and_keep_the_preemption_count(
     assert ["--max-num-batched-tokens", "256"] == started[1][-2:]
 
 
+def test_matrix_tensor_parallel_serves_every_server_at_that_size(fake_openai, monkeypatch):
+    """DET_MATRIX_TP / --tensor-parallel-size: each `vllm serve` of the run gets the flag, the
+    reference server and the cells' own servers alike; TP=1 adds nothing."""
+    started = []
+
+    @contextlib.contextmanager
+    def serve(model, port, args, timeout):
+        started.append(args)
+        yield drift.Served(fake_openai.base_url, None, "")
+
+    monkeypatch.setattr(matrix.drift, "serve_vllm", serve)
+    prompts = matrix.make_prompts(vocab=32000, num=16)
+    cells = ("batch_256", "chunked_prefill_256", "restart")
+    for tp, flag in ((2, ["--tensor-parallel-size", "2"]), (1, [])):
+        started.clear()
+        matrix.run_variant("ckpt", "det", prompts, cells, {}.__setitem__, tensor_parallel_size=tp)
+        assert len(started) == 3
+        for args in started:
+            at = [i for i, a in enumerate(args) if a == "--tensor-parallel-size"]
+            assert [args[i : i + 2] for i in at] == ([flag] if flag else [])
+
+
 # One GPU call may not fit every server start: DET_MATRIX_CELLS / DET_MATRIX_DEFAULT_CELLS
 # pick cells (comma lists; the rest skip) and DET_MATRIX_MODELS the shapes;
-# DET_MATRIX_REF_DIR keeps each variant's reference pass for the next call on the same host.
+# DET_MATRIX_REF_DIR keeps each variant's reference pass for the next call on the same host;
+# DET_MATRIX_TP=2 serves every variant with --tensor-parallel-size 2 (two GPUs).
 def _env_cells(name: str) -> tuple[str, ...]:
     return tuple(c for c in os.environ.get(name, ",".join(matrix.ALL_CELLS)).split(",") if c)
 
@@ -190,6 +213,7 @@ def matrix_result():
         default_cells=DEFAULT_CELLS,
         out=out,
         reference_dir=os.environ.get("DET_MATRIX_REF_DIR"),
+        tensor_parallel_size=int(os.environ.get("DET_MATRIX_TP", "1")),
     )
     return result["cells"]
 
