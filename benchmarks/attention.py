@@ -38,17 +38,20 @@ PREFILL_TOKENS = (1024, 4096, 16384)
 MAX_MODEL_LEN = max(DECODE_CONTEXT)  # the bound a captured decode graph is sized for
 
 
-def make_inputs(specs: list[tuple[int, int]], seed: int) -> dict:
-    """specs: (query tokens, total KV length) per request."""
+def make_inputs(
+    specs: list[tuple[int, int]], seed: int, heads: tuple[int, int, int] = (Q_HEADS, KV_HEADS, HEAD)
+) -> dict:
+    """specs: (query tokens, total KV length) per request; heads: (q heads, kv heads, size)."""
     import torch
 
+    q_heads, kv_heads, head = heads
     gen = torch.Generator(device="cuda").manual_seed(seed)
     dev, dt = "cuda", torch.bfloat16
     num_tokens = sum(q for q, _ in specs)
     blocks = [math.ceil(s / BLOCK) for _, s in specs]
     num_blocks = sum(blocks)
-    kv = torch.randn(num_blocks, KV_HEADS, BLOCK, 2 * HEAD, generator=gen, device=dev, dtype=dt)
-    key_cache, value_cache = kv.transpose(1, 2).split(HEAD, dim=-1)  # vLLM's layout
+    kv = torch.randn(num_blocks, kv_heads, BLOCK, 2 * head, generator=gen, device=dev, dtype=dt)
+    key_cache, value_cache = kv.transpose(1, 2).split(head, dim=-1)  # vLLM's layout
     perm = torch.randperm(num_blocks, generator=gen, device=dev).to(torch.int32)
     table = torch.zeros(len(specs), max(blocks), dtype=torch.int32, device=dev)
     used = 0
@@ -60,8 +63,8 @@ def make_inputs(specs: list[tuple[int, int]], seed: int) -> dict:
     # The backend's split of a decodes-first batch (det_backend/backend.py _split_decodes).
     nd = next((i for i, (q, _) in enumerate(specs) if q > 1), len(specs))
     return {
-        "q": torch.randn(num_tokens, Q_HEADS, HEAD, generator=gen, device=dev, dtype=dt),
-        "out": torch.empty(num_tokens, Q_HEADS, HEAD, device=dev, dtype=dt),
+        "q": torch.randn(num_tokens, q_heads, head, generator=gen, device=dev, dtype=dt),
+        "out": torch.empty(num_tokens, q_heads, head, device=dev, dtype=dt),
         "k": key_cache,
         "v": value_cache,
         "table": table,
@@ -95,13 +98,37 @@ def flashinfer_planner():
     )  # fmt: skip
 
 
+def fa3_call(t: dict, scale: float, num_splits: int, fa_version: int = 3, **features):
+    """FlashAttention on t's batch as vLLM's FlashAttention backend calls it (flash_attn.py
+    forward): num_splits 0 is FA's own heuristic (vLLM's default), 1 what VLLM_BATCH_INVARIANT
+    passes. features: window_size, softcap, s_aux (sinks), alibi_slopes (FA2 only), as vLLM
+    passes them."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    return lambda: flash_attn_varlen_func(
+        t["q"],
+        t["k"],
+        t["v"],
+        t["max_q"],
+        t["cu"],
+        t["max_k"],
+        seqused_k=t["seq_lens"],
+        softmax_scale=scale,
+        causal=True,
+        block_table=t["table"],
+        out=t["out"],
+        fa_version=fa_version,
+        num_splits=num_splits,
+        **features,
+    )
+
+
 def providers(t: dict, kind: str) -> dict:
     from det_backend.kernels.attention import (
         KV_SPLIT_SIZE,
         paged_attention,
         paged_attention_mixed,
     )
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     from det_backend.fa3 import fa3_paged_attention
     from det_backend.flashinfer_variant import flashinfer_paged_attention
@@ -110,22 +137,7 @@ def providers(t: dict, kind: str) -> dict:
     # The leading arguments every one of our launchers takes, in their order.
     common = (t["q"], t["k"], t["v"], t["out"], t["cu"], t["seq_lens"], t["table"], scale)
 
-    def fa3(num_splits: int):
-        return lambda: flash_attn_varlen_func(
-            t["q"],
-            t["k"],
-            t["v"],
-            t["max_q"],
-            t["cu"],
-            t["max_k"],
-            seqused_k=t["seq_lens"],
-            softmax_scale=scale,
-            causal=True,
-            block_table=t["table"],
-            out=t["out"],
-            fa_version=3,
-            num_splits=num_splits,
-        )
+    fa3 = functools.partial(fa3_call, t, scale)
 
     def ours(max_num_segments: int, block_q: int | None = None):
         return lambda: paged_attention(
