@@ -21,6 +21,16 @@ FA3 replayed the same way ("graph_speedup_vs_fa3"). Prefill and mixed also time 
 prefill tile (64 rows, 4 warps, 2 stages: "ours_block_m64", in the same launches as "ours")
 against the current PREFILL_BLOCK_M tile. vLLM's Triton unified attention is not measured
 here yet.
+
+Features ("feature_points", summary "features"), after the above: each model-feature set of
+tests/test_attention.py (Mistral window, Gemma-2 softcap + window at head 256, gpt-oss sinks +
+window at 64/8 x 64, ALiBi at 32/32, Phi-3 window at head 96, head 80) on one decode batch (64
+requests, contexts 4160..8192, also replayed from CUDA graphs) and one prefill batch (4 x 2048
+new tokens after 6144 cached), longer than the windows. Ours with the feature on, as the
+backend launches it; FA3 (vLLM's default splits) with the same feature where vLLM's
+flash_attn_varlen_func passes it to FA3 (window_size, softcap, s_aux), else without it
+("fa3_without_feature": ALiBi, for which vLLM runs FA2, timed as "fa2"); the fa3 variant where
+it accepts the set, else null with its refusal ("det_fa3_refusal").
 """
 
 from __future__ import annotations
@@ -98,7 +108,7 @@ def flashinfer_planner():
     )  # fmt: skip
 
 
-def fa3_call(t: dict, scale: float, num_splits: int, fa_version: int = 3, **features):
+def flash_attn_call(t: dict, scale: float, num_splits: int, fa_version: int = 3, **features):
     """FlashAttention on t's batch as vLLM's FlashAttention backend calls it (flash_attn.py
     forward): num_splits 0 is FA's own heuristic (vLLM's default), 1 what VLLM_BATCH_INVARIANT
     passes. features: window_size, softcap, s_aux (sinks), alibi_slopes (FA2 only), as vLLM
@@ -137,7 +147,7 @@ def providers(t: dict, kind: str) -> dict:
     # The leading arguments every one of our launchers takes, in their order.
     common = (t["q"], t["k"], t["v"], t["out"], t["cu"], t["seq_lens"], t["table"], scale)
 
-    fa3 = functools.partial(fa3_call, t, scale)
+    fa3 = functools.partial(flash_attn_call, t, scale)
 
     def ours(max_num_segments: int, block_q: int | None = None):
         return lambda: paged_attention(
@@ -277,6 +287,7 @@ def run() -> dict:
         ),
         **_flashinfer_summary(decode, prefill),
         "points": points,
+        **run_features(),
     }
 
 
@@ -291,9 +302,222 @@ def _flashinfer_summary(decode: list[dict], prefill: list[dict]) -> dict:
     }
 
 
+# Model features: the sets of tests/test_attention.py REAL_FEATURES (a CPU test keeps the two
+# equal): (q heads, kv heads, head size, features, scale); True for alibi_slopes / sinks means
+# the tensor is made at run time (BLOOM's slopes as vLLM computes them; sinks ~ N(3, 2^2)).
+FEATURE_SETS = {
+    # Mistral-7B-v0.1: window 4096.
+    "mistral": (32, 8, 128, dict(sliding_window=4096), 128**-0.5),
+    # Gemma-2-9B local layers: window 4096, softcap 50, query_pre_attn_scalar 256.
+    "gemma2": (16, 8, 256, dict(sliding_window=4096, softcap=50.0), 256**-0.5),
+    # gpt-oss sliding layers: window 128, sinks, head 64, G = 8.
+    "gpt-oss": (64, 8, 64, dict(sliding_window=128, sinks=True), 64**-0.5),
+    # BLOOM / MPT: ALiBi, multi-head.
+    "alibi": (32, 32, 128, dict(alibi_slopes=True), 128**-0.5),
+    # Phi-3-mini: head 96 (padded to 128), window 2047.
+    "phi3": (32, 32, 96, dict(sliding_window=2047), 96**-0.5),
+    "head80": (32, 8, 80, {}, 80**-0.5),
+}
+# One decode batch (64 requests, contexts 4160..8192) and one prefill batch (4 chunks of 2048
+# new tokens after 6144 cached): longer than every window (<= 4096), so windows skip keys.
+FEATURE_BATCHES = {
+    "decode": [(1, 4096 + 64 * (i + 1)) for i in range(64)],
+    "prefill": [(2048, 8192)] * 4,
+}
+# What vLLM 0.26's flash_attn_varlen_func cannot pass to FA3: `assert alibi_slopes is None`
+# for fa_version 3 (vllm_flash_attn/flash_attn_interface.py). For ALiBi layers vLLM runs FA2
+# instead (v1/attention/backends/fa_utils.py get_flash_attn_version), timed here as "fa2".
+FA3_LACKS = ("alibi_slopes",)
+
+
+def feature_point(name: str, kind: str) -> dict:
+    """One features point before timing: shapes, the providers that run, and for each of our
+    variants that refuses the set its own reasons (det_backend/variants.py layer_problems);
+    the fa3 variant's time is then null, with the reason beside it. Pure (no GPU)."""
+    from det_backend import variants
+
+    q_heads, kv_heads, head, spec, _ = FEATURE_SETS[name]
+    specs = FEATURE_BATCHES[kind]
+    window = spec.get("sliding_window")
+    refusals = {
+        f"det_{v}": variants.layer_problems(
+            v, head, spec.get("alibi_slopes"), window, spec.get("softcap"), "decoder",
+            spec.get("sinks"), "auto",
+        )
+        for v in ("fa3", "flashinfer")
+    }  # fmt: skip
+    dropped = [f for f in spec if f in FA3_LACKS]
+    names = ["ours", "fa3_default"]
+    if not refusals["det_fa3"]:
+        names.append("det_fa3")
+    if "alibi_slopes" in spec:
+        names.append("fa2")
+    if kind == "decode":
+        names += ["ours_graph", "fa3_graph"]
+    # Keys a request reads: from its first query's window start (all of them without one).
+    keys = sum(s - max(0, s - q - window + 1) if window else s for q, s in specs)
+    p = {
+        "feature_set": name,
+        "kind": kind,
+        "heads": [q_heads, kv_heads, head],
+        "features": spec,
+        "batch": len(specs),
+        "new_tokens": sum(q for q, _ in specs),
+        "context": [min(s for _, s in specs), max(s for _, s in specs)],
+        "providers": names,
+        "fa3_without_feature": bool(dropped),
+        "fa3_dropped_features": dropped,
+        "kv_read_bytes": keys * kv_heads * head * 2 * 2,
+        "refusals": {v: r for v, r in refusals.items() if r},
+    }
+    if refusals["det_fa3"]:
+        p["det_fa3_ms"] = None
+        p["det_fa3_refusal"] = "; ".join(refusals["det_fa3"])
+    return p
+
+
+def feature_providers(t: dict, p: dict, scale: float) -> dict:
+    """The callables of p["providers"] on t's batch, with the feature set's tensors. Ours is
+    the launch the backend makes: one paged_attention, the grid from the batch's real
+    max_seq_len (eager) or from MAX_MODEL_LEN ("ours_graph", replayed from a CUDA graph)."""
+    import torch
+    from det_backend.kernels.attention import KV_SPLIT_SIZE, paged_attention
+
+    from det_backend.fa3 import fa3_paged_attention
+
+    q_heads, dev = p["heads"][0], t["q"].device
+    ours_kw, fa_kw = dict(p["features"]), {}
+    if ours_kw.get("alibi_slopes"):
+        from vllm.model_executor.models.bloom import _get_alibi_slopes
+
+        ours_kw["alibi_slopes"] = _get_alibi_slopes(q_heads).to(torch.float32).to(dev)
+    if ours_kw.get("sinks"):
+        gen = torch.Generator().manual_seed(6)
+        # FA3 takes sinks in q's dtype (s_aux); the gpt-oss parameter is in the model dtype.
+        ours_kw["sinks"] = (3 + 2 * torch.randn(q_heads, generator=gen)).to(dev, t["q"].dtype)
+        fa_kw["s_aux"] = ours_kw["sinks"]
+    if ours_kw.get("sliding_window"):
+        # vLLM's FlashAttention impl: (sliding_window - 1, 0), keys in (p - window, p].
+        fa_kw["window_size"] = [ours_kw["sliding_window"] - 1, 0]
+    if ours_kw.get("softcap"):
+        fa_kw["softcap"] = ours_kw["softcap"]
+    common = (t["q"], t["k"], t["v"], t["out"], t["cu"], t["seq_lens"], t["table"], scale)
+
+    def ours(max_k: int):
+        segments = math.ceil(max_k / KV_SPLIT_SIZE)
+        return lambda: paged_attention(*common, t["max_q"], segments, **ours_kw)
+
+    fns = {
+        "ours": ours(t["max_k"]),
+        "ours_graph": ours(MAX_MODEL_LEN),
+        "fa3_default": flash_attn_call(t, scale, 0, **fa_kw),
+        "fa3_graph": flash_attn_call(t, scale, 0, **fa_kw),
+        "det_fa3": lambda: fa3_paged_attention(
+            *common, t["max_q"], t["max_k"], softcap=ours_kw.get("softcap", 0.0)
+        ),
+        "fa2": flash_attn_call(
+            t, scale, 0, fa_version=2, alibi_slopes=ours_kw.get("alibi_slopes"), **fa_kw
+        ),
+    }
+    return {name: fns[name] for name in p["providers"]}
+
+
+def _ratio(p: dict, theirs: str, ours: str) -> float | None:
+    """theirs / ours (> 1: ours faster), or None where either is missing."""
+    a, b = p.get(f"{theirs}_ms"), p.get(f"{ours}_ms")
+    return a / b if a is not None and b is not None else None
+
+
+def finish_feature_point(p: dict, times: dict, errors: dict) -> dict:
+    """p with each provider's ms (None where it raised, its error under "errors") and the
+    ratios: speedup_vs_fa3 (FA3 default / ours; FA3 without the feature where it cannot take
+    it: fa3_without_feature), graph_speedup_vs_fa3 (decode, both from CUDA graphs),
+    det_fa3_speedup_vs_fa3, speedup_vs_fa2 (ALiBi: what vLLM runs for it)."""
+    p = {**p, **{f"{n}_ms": times.get(n) for n in p["providers"]}}
+    if errors:
+        p["errors"] = errors
+    p["speedup_vs_fa3"] = _ratio(p, "fa3_default", "ours")
+    if p["kind"] == "decode":
+        p["graph_speedup_vs_fa3"] = _ratio(p, "fa3_graph", "ours_graph")
+    p["det_fa3_speedup_vs_fa3"] = _ratio(p, "fa3_default", "det_fa3")
+    if "fa2" in p["providers"]:
+        p["speedup_vs_fa2"] = _ratio(p, "fa2", "ours")
+    if p["ours_ms"] is not None:
+        p["ours_kv_GBps"] = p["kv_read_bytes"] / (p["ours_ms"] * 1e-3) / 1e9
+    return p
+
+
+def measure_feature(name: str, kind: str) -> dict:
+    """Time one features point. A provider that raises (an untested FA3 or FA2 feature path)
+    is recorded as null with its error, so it costs the other columns, and the sections run
+    before, nothing; names ending in "_graph" are captured in a CUDA graph once and timed as
+    replays."""
+    p = feature_point(name, kind)
+    specs = FEATURE_BATCHES[kind]
+    times, errors = {}, {}
+
+    def attempt(what: str, fn):
+        try:
+            return fn()
+        except Exception as e:  # recorded in the JSON: the point's "errors"
+            errors[what] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"features {name} {kind}: {what} failed: {errors[what]}", flush=True)
+
+    fns = attempt(
+        "inputs",
+        lambda: feature_providers(
+            make_inputs(specs, seed=len(specs), heads=tuple(p["heads"])), p, FEATURE_SETS[name][4]
+        ),
+    )
+    for n, fn in (fns or {}).items():
+        ms = attempt(n, lambda fn=fn, n=n: bench(graphed(fn) if n.endswith("_graph") else fn))
+        if ms is not None:
+            times[n] = ms
+    p = finish_feature_point(p, times, errors)
+    print(
+        f"features {name:>8} {kind:>7}  "
+        + "  ".join(f"{n} {times[n]:.3f}" for n in p["providers"] if n in times)
+        + f"  x{p['speedup_vs_fa3'] or float('nan'):.2f}"
+        + (
+            " (FA3 without " + "+".join(p["fa3_dropped_features"]) + ")"
+            if p["fa3_dropped_features"]
+            else ""
+        ),
+        flush=True,
+    )
+    return p
+
+
+def features_summary(points: list[dict]) -> dict:
+    """Per feature set: its decode and prefill speed-ups (FA3 default / ours), decode from CUDA
+    graphs, whether FA3 ran without the feature, the fa3 variant's ratios or refusal."""
+    out = {}
+    for p in points:
+        s = out.setdefault(
+            p["feature_set"],
+            {"fa3_without_feature": p["fa3_without_feature"], "heads": p["heads"]},
+        )
+        s[f"{p['kind']}_speedup_vs_fa3"] = p["speedup_vs_fa3"]
+        if p["kind"] == "decode":
+            s["decode_graph_speedup_vs_fa3"] = p["graph_speedup_vs_fa3"]
+        if "det_fa3_refusal" in p:
+            s["det_fa3_refusal"] = p["det_fa3_refusal"]
+        else:
+            s[f"det_fa3_{p['kind']}_speedup_vs_fa3"] = p["det_fa3_speedup_vs_fa3"]
+        if "speedup_vs_fa2" in p:
+            s[f"{p['kind']}_speedup_vs_fa2"] = p["speedup_vs_fa2"]
+    return out
+
+
+def run_features() -> dict:
+    points = [measure_feature(n, kind) for n in FEATURE_SETS for kind in FEATURE_BATCHES]
+    return {"features": features_summary(points), "feature_points": points}
+
+
 def plot(data: dict):
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    features = data.get("features")
+    fig, axes = plt.subplots(1, 3 if features else 2, figsize=(18 if features else 12, 4.5))
     for i, ctx in enumerate(DECODE_CONTEXT):
         pts = [p for p in data["points"] if p["kind"] == "decode" and p["context"] == ctx]
         batches = [p["batch"] for p in pts]
@@ -332,6 +556,8 @@ def plot(data: dict):
             )
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("new prefill tokens")
+    if features:
+        plot_features(axes[2], features)
     for ax in axes:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_ylabel("FA3 time / ours (higher is better)")
@@ -339,6 +565,27 @@ def plot(data: dict):
     fig.suptitle(f"det_backend attention vs FlashAttention-3 (vLLM default), {data['gpu']}")
     fig.tight_layout()
     return fig
+
+
+def plot_features(ax, features: dict) -> None:
+    """Bars per feature set: decode (eager, CUDA graphs) and prefill, FA3 default / ours; a
+    set whose feature FA3 lacks is labelled with what FA3 ran without; missing values: none."""
+    bars = [
+        ("decode_speedup_vs_fa3", "decode"),
+        ("decode_graph_speedup_vs_fa3", "decode, CUDA graphs"),
+        ("prefill_speedup_vs_fa3", "prefill"),
+    ]
+    names = list(features)
+    for i, (key, label) in enumerate(bars):
+        values = [features[n].get(key) for n in names]
+        x = [j + (i - 1) * 0.27 for j in range(len(names))]
+        ax.bar(x, [math.nan if v is None else v for v in values], 0.27, color=f"C{i}", label=label)
+    ax.set_xticks(
+        range(len(names)),
+        [n + ("\n(FA3 w/o feature)" if features[n]["fa3_without_feature"] else "") for n in names],
+        fontsize=8,
+    )
+    ax.set_xlabel("model features (heads q/kv x size in the JSON)")
 
 
 def _summary(result: dict) -> str:
@@ -350,7 +597,25 @@ def _summary(result: dict) -> str:
         f"x{result.get('mixed_split_geomean_speedup', float('nan')):.3f}); fa3 variant: decode "
         f"{result.get('det_fa3_decode_geomean_speedup_vs_fa3', float('nan')):.3f}, prefill "
         f"{result.get('det_fa3_prefill_geomean_speedup_vs_fa3', float('nan')):.3f} "
-        f"on {result['gpu']}"
+        f"on {result['gpu']}" + _features_line(result.get("features", {}))
+    )
+
+
+def _features_line(features: dict) -> str:
+    """'; features (decode/prefill vs FA3): mistral 0.90/0.40, ...'; '' without features."""
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    parts = [
+        f"{n} {fmt(s.get('decode_speedup_vs_fa3'))}/{fmt(s.get('prefill_speedup_vs_fa3'))}"
+        + ("*" if s["fa3_without_feature"] else "")
+        for n, s in features.items()
+    ]
+    return (
+        "; features (decode/prefill vs FA3, *: FA3 without the feature): " + ", ".join(parts)
+        if parts
+        else ""
     )
 
 
