@@ -79,23 +79,24 @@ cache_report() {
 # of compiling them with nvcc. Not used if this FlashInfer refuses it (another version: then
 # flashinfer would not even import). After each mode, fi_report names the modules FlashInfer
 # still compiled: new .so files in its JIT workspace. Log: $OUT/flashinfer_aot.txt.
-rm -f /tmp/.flashinfer_jit_mark
+# The mark is this script's own: two modes may run side by side (SKIP_INSTALL=1).
+FI_MARK=/tmp/.flashinfer_jit_mark.$$
 FI_JIT_DIR="${FLASHINFER_WORKSPACE_BASE:-$HOME}/.cache/flashinfer"
 if [[ -d "$REPO/.flashinfer_aot_sm90/flashinfer_jit_cache" ]]; then
   # pipefail: the report's exit status, not tee's.
   if PYTHONPATH="$PYTHONPATH:$REPO/.flashinfer_aot_sm90" python3 "$REPO/benchmarks/prebuild_flashinfer.py" \
     --report 2>&1 | tee "$OUT/flashinfer_aot.txt"; then
     export PYTHONPATH="$PYTHONPATH:$REPO/.flashinfer_aot_sm90"
-    mkdir -p "$FI_JIT_DIR" && touch /tmp/.flashinfer_jit_mark
+    mkdir -p "$FI_JIT_DIR" && touch "$FI_MARK"
   fi
 fi
 fi_report() {
-  [[ -f /tmp/.flashinfer_jit_mark ]] || return 0
+  [[ -f "$FI_MARK" ]] || return 0
   local built
-  built=$(find "$FI_JIT_DIR" -name '*.so' -newer /tmp/.flashinfer_jit_mark -printf '%f ')
-  echo "flashinfer after $1: $(wc -w <<< "$built") modules JIT-compiled here${built:+: $built}" \
+  built=$(find "$FI_JIT_DIR" -name '*.so' -newer "$FI_MARK" -printf '%f ')
+  echo "flashinfer after $1: modules JIT-compiled here: $(wc -w <<< "$built")${built:+ ($built)}" \
     | tee -a "$OUT/flashinfer_aot.txt"
-  touch /tmp/.flashinfer_jit_mark
+  touch "$FI_MARK"
 }
 after_mode() { cache_report "$1"; fi_report "$1"; }
 what=" ${*:-all} "

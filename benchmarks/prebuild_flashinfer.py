@@ -27,8 +27,8 @@ workspace instead would not do: its build.ninja files name absolute source paths
 machine's site-packages vs the host's /tmp/site), so ninja would see new commands and rebuild.
 
 The modules are TVM-FFI libraries: they need libcudart.so.13, libcuda and the tvm_ffi symbols
-that `import tvm_ffi` provides, not libpython or libtorch (built with Py_LIMITED_API; `--check`
-below lists what each one needs), so a Python 3.11 build serves the host's Python 3.12.
+that `import tvm_ffi` provides, not libpython or libtorch (check() below refuses others), so
+a Python 3.11 build serves the host's Python 3.12.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / ".flashinfer_aot_sm90"
 BUILD_DIR = Path.home() / ".cache" / "det_backend" / "flashinfer_build_sm90"
 PACKAGE = "flashinfer_jit_cache"
-ARCH = "9.0a"
+ARCH = "9.0a"  # FLASHINFER_CUDA_ARCH_LIST's spelling of sm_90a
+SM = "sm_90a"
 # Shared libraries a module may need that the host has: CUDA 13's runtime (torch cu130 loads
 # it) and driver, and the C/C++ runtime.
 ALLOWED_NEEDED = re.compile(
@@ -56,7 +57,7 @@ ALLOWED_NEEDED = re.compile(
 )
 
 INIT_PY = '''"""A minimal flashinfer-jit-cache: FlashInfer {version}'s modules for det_backend's
-flashinfer attention variant, prebuilt for sm_{arch} by benchmarks/prebuild_flashinfer.py."""
+flashinfer attention variant, prebuilt for {sm} by benchmarks/prebuild_flashinfer.py."""
 
 from pathlib import Path
 
@@ -85,7 +86,6 @@ def _setup_env(build_dir: Path) -> None:
 
 
 def specs(dtypes, head_sizes):
-    import flashinfer.jit.env as jit_env
     from flashinfer.jit.attention import gen_batch_prefill_module
 
     from det_backend import flashinfer_variant
@@ -95,11 +95,6 @@ def specs(dtypes, head_sizes):
     if Path(flashinfer_variant.__file__).read_bytes() != source.read_bytes():
         found = flashinfer_variant.__file__
         raise SystemExit(f"det_backend imports {found}, not {REPO}'s: install this checkout")
-    if jit_env.FLASHINFER_AOT_DIR != Path(jit_env.__file__).parents[1] / "data" / "aot":
-        raise SystemExit(
-            f"a flashinfer_jit_cache package is importable ({jit_env.FLASHINFER_AOT_DIR}): "
-            "FlashInfer would skip the modules it holds; build without it on sys.path"
-        )
     return [
         gen_batch_prefill_module(*flashinfer_variant.prefill_module_args(head_size, dtype))
         for dtype in dtypes
@@ -117,25 +112,30 @@ def check(so: Path) -> list[str]:
     return [lib for lib in needed_libraries(so) if not ALLOWED_NEEDED.search(lib)]
 
 
+def _version(distribution: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(distribution)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.file_digest(path.open("rb"), "sha256").hexdigest()
 
 
 def package(jit_specs, out_dir: Path) -> dict:
-    """Copy the built modules into a fresh flashinfer_jit_cache package under out_dir."""
+    """Copy the built modules into a fresh flashinfer_jit_cache package under out_dir (put in
+    place only once complete and checked: a half-written one is never left to carry)."""
     import flashinfer
     from flashinfer.jit.cpp_ext import get_cuda_version
 
     cuda = get_cuda_version()
-    pkg = out_dir / PACKAGE
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pkg = staging / PACKAGE
     (pkg / "jit_cache").mkdir(parents=True)
     version = flashinfer.__version__
     (pkg / "__init__.py").write_text(
-        INIT_PY.format(
-            version=version, arch=ARCH.replace(".", ""), cuda=f"{cuda.major}{cuda.minor}"
-        )
+        INIT_PY.format(version=version, sm=SM, cuda=f"{cuda.major}{cuda.minor}")
     )
     modules = {}
     for spec in jit_specs:
@@ -148,13 +148,16 @@ def package(jit_specs, out_dir: Path) -> dict:
         modules[spec.name] = {"bytes": dst.stat().st_size, "sha256": _sha256(dst)}
     manifest = {
         "flashinfer": version,
-        "arch": ARCH,
+        "arch": SM,
         "nvcc": str(cuda),
+        "tvm_ffi": _version("apache-tvm-ffi"),
         "python_built_with": sys.version.split()[0],
         "command": " ".join(sys.argv),
         "modules": modules,
     }
     (pkg / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
     return manifest
 
 
@@ -177,11 +180,17 @@ def report() -> int:
         f"{sum(p.stat().st_size for p in found) / 2**20:.1f} MiB; the flashinfer variant's: "
         f"{wanted - len(missing)} of {wanted} found" + "".join(f"\n  missing {n}" for n in missing)
     )
+    manifest = jit_env.FLASHINFER_AOT_DIR.parent / "manifest.json"
+    if manifest.exists():
+        # The modules call TVM-FFI's C API (vLLM 0.26 pins apache-tvm-ffi 0.1.10).
+        built, here = json.loads(manifest.read_text())["tvm_ffi"], _version("apache-tvm-ffi")
+        if built != here:
+            print(f"warning: built against apache-tvm-ffi {built}, this host has {here}")
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         found = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
-        print(f"not used: built for sm_{ARCH}, found {found}")
+        print(f"not used: built for {SM}, found {found}")
         return 1
     return 0
 
@@ -207,8 +216,8 @@ def main() -> None:
     start = time.perf_counter()
     dtypes = [getattr(torch, d) for d in args.dtypes]
     jit_specs = specs(dtypes, args.head_sizes or SUPPORTED_HEAD_SIZES)
-    print(f"building {len(jit_specs)} modules for sm_{ARCH} with MAX_JOBS={os.environ['MAX_JOBS']}"
-          f" in {args.build_dir}", flush=True)  # fmt: skip
+    jobs = os.environ["MAX_JOBS"]
+    print(f"building {len(jit_specs)} modules for {SM}, MAX_JOBS={jobs}, in {args.build_dir}")
     build_jit_specs(jit_specs, verbose=args.verbose, skip_prebuilt=False)
     manifest = package(jit_specs, args.out)
     total = sum(m["bytes"] for m in manifest["modules"].values())

@@ -90,7 +90,9 @@ def _fake_package(root: Path, version: str, modules) -> Path:
     modules: FlashInfer's AOT decision only asks whether the file exists."""
     pkg = root / prebuild.PACKAGE
     (pkg / "jit_cache").mkdir(parents=True)
-    (pkg / "__init__.py").write_text(prebuild.INIT_PY.format(version=version, arch="90a", cuda=130))
+    (pkg / "__init__.py").write_text(
+        prebuild.INIT_PY.format(version=version, sm=prebuild.SM, cuda=130)
+    )
     for name in modules:
         (pkg / "jit_cache" / name).mkdir()
         (pkg / "jit_cache" / name / f"{name}.so").touch()
