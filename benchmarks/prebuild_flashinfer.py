@@ -81,8 +81,29 @@ def _setup_env(build_dir: Path) -> None:
                 os.environ["CUDA_HOME"] = home
                 break
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    _libcuda_stub(build_dir)
     if os.environ.get("FLASHINFER_DISABLE_JIT"):
         raise SystemExit("FLASHINFER_DISABLE_JIT is set: nothing can be built")
+
+
+def _libcuda_stub(build_dir: Path) -> None:
+    """FlashInfer links each module with -lcuda (cpp_ext.py generate_ninja_build_for_op), found
+    on a GPU host as the driver or in the toolkit's lib64/stubs, which this toolkit lacks. An
+    empty library named libcuda.so.1 serves the link (a shared object may leave the driver's
+    symbols undefined); the module then needs libcuda.so.1, bound to the real driver at load."""
+    if Path(
+        os.environ.get("CUDA_HOME", "/usr/local/cuda"), "lib64", "stubs", "libcuda.so"
+    ).exists():
+        return
+    stubs = build_dir / "libcuda_stub"
+    stubs.mkdir(parents=True, exist_ok=True)
+    (stubs / "empty.c").write_text("")
+    subprocess.run(
+        ["cc", "-shared", "-Wl,-soname,libcuda.so.1", "-o", str(stubs / "libcuda.so"),
+         str(stubs / "empty.c")],
+        check=True,
+    )  # fmt: skip
+    os.environ["FLASHINFER_EXTRA_LDFLAGS"] = f"-L{stubs}"
 
 
 def specs(dtypes, head_sizes):
@@ -110,6 +131,16 @@ def needed_libraries(so: Path) -> list[str]:
 def check(so: Path) -> list[str]:
     """What would keep the host from loading so: a library it may lack (libpython, libtorch)."""
     return [lib for lib in needed_libraries(so) if not ALLOWED_NEEDED.search(lib)]
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split("_")[-1].split("."))
+
+
+def _needed_version(so: Path, prefix: str) -> str:
+    """The newest symbol version so asks of glibc (GLIBC) or libstdc++ (GLIBCXX)."""
+    out = subprocess.run(["readelf", "-V", str(so)], capture_output=True, text=True, check=True)
+    return max(set(re.findall(rf"\b{prefix}_[0-9.]+\b", out.stdout)), key=_version_key)
 
 
 def _version(distribution: str) -> str:
@@ -152,6 +183,12 @@ def package(jit_specs, out_dir: Path) -> dict:
         "nvcc": str(cuda),
         "tvm_ffi": _version("apache-tvm-ffi"),
         "python_built_with": sys.version.split()[0],
+        "needs": {
+            prefix: max(
+                (_needed_version(p, prefix) for p in pkg.glob("jit_cache/*/*.so")), key=_version_key
+            )
+            for prefix in ("GLIBC", "GLIBCXX")
+        },  # fmt: skip
         "command": " ".join(sys.argv),
         "modules": modules,
     }
@@ -164,7 +201,8 @@ def package(jit_specs, out_dir: Path) -> dict:
 def report() -> int:
     """On the host, with the package on PYTHONPATH: where FlashInfer's AOT directory points, how
     many modules it holds, and which of the variant's it lacks. 1 if it must not be used:
-    FlashInfer refuses it, or the GPU is not sm_90 (FlashInfer would load sm_90a code anyway)."""
+    FlashInfer refuses it, a module does not load here (e.g. an older libstdc++ than the
+    manifest's "needs"), or the GPU is not sm_90 (FlashInfer would load sm_90a code anyway)."""
     try:
         import flashinfer.jit.env as jit_env
     except RuntimeError as e:  # the package's version is not this FlashInfer's (jit/env.py)
@@ -186,8 +224,16 @@ def report() -> int:
         built, here = json.loads(manifest.read_text())["tvm_ffi"], _version("apache-tvm-ffi")
         if built != here:
             print(f"warning: built against apache-tvm-ffi {built}, this host has {here}")
-    import torch
+    import torch  # first, as in FlashInfer's use: it brings libcudart.so.13
+    import tvm_ffi
 
+    for so in found:
+        try:
+            tvm_ffi.load_module(str(so))  # dlopen, as JitSpec.load does
+        except Exception as e:  # any load failure means: leave it to FlashInfer's JIT
+            print(f"not used: {so.name} does not load here: {e}")
+            return 1
+    print(f"loaded {len(found)} of {len(found)}")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         found = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
         print(f"not used: built for {SM}, found {found}")
