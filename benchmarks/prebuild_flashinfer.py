@@ -26,9 +26,13 @@ gpu_run.sh puts `.flashinfer_aot_sm90` on PYTHONPATH when it is carried. Relocat
 workspace instead would not do: its build.ninja files name absolute source paths (this
 machine's site-packages vs the host's /tmp/site), so ninja would see new commands and rebuild.
 
-The modules are TVM-FFI libraries: they need libcudart.so.13, libcuda and the tvm_ffi symbols
-that `import tvm_ffi` provides, not libpython or libtorch (check() below refuses others), so
-a Python 3.11 build serves the host's Python 3.12.
+The modules are TVM-FFI libraries: they need libcudart.so.13 (torch cu130 brings it), the
+tvm_ffi symbols that `import tvm_ffi` provides and the C/C++ runtime (GLIBCXX_3.4.26, GCC 9's
+libstdc++: the manifest's "needs"), not libpython or libtorch (check() below refuses others),
+so a Python 3.11 build serves the host's Python 3.12. Each one leaves its CTA_TILE_Q = 32
+kernels undefined, as FlashInfer's own JIT build does (the generated sources instantiate 16, 64
+and 128; the planner picks 32 only at head sizes of 512 and up): tvm_ffi dlopens with
+RTLD_LAZY, and our pinned tiles are 128 and 64.
 """
 
 from __future__ import annotations
