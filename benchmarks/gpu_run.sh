@@ -76,8 +76,9 @@ cache_report() {
 # FlashInfer modules prebuilt for sm_90a without a GPU (benchmarks/prebuild_flashinfer.py), when
 # carried: a minimal flashinfer_jit_cache package, put on PYTHONPATH as it is (FlashInfer only
 # dlopens from it, so a read-only copy does), from which FlashInfer loads those modules instead
-# of compiling them with nvcc. Not used if this FlashInfer refuses it (another version: then
-# flashinfer would not even import). After each mode, fi_report names the modules FlashInfer
+# of compiling them with nvcc. Its report (modules found, loaded) decides: not used if this
+# FlashInfer refuses it (another version: flashinfer would not even import), a module does not
+# load here, or the GPU is not sm_90. After each mode, fi_report names the modules FlashInfer
 # still compiled: new .so files in its JIT workspace. Log: $OUT/flashinfer_aot.txt.
 # The mark is this script's own: two modes may run side by side (SKIP_INSTALL=1).
 FI_MARK=/tmp/.flashinfer_jit_mark.$$
