@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_run.sh flashinfer the flashinfer attention variant: its GPU tests and selection
 #                                         tests (flashinfer.log); the first call JIT-compiles
 #                                         FlashInfer's FA2 prefill kernels with nvcc (minutes)
+#                                         unless .flashinfer_aot_sm90 is carried (see below)
 #   bash benchmarks/gpu_run.sh e2e        end-to-end engine test (+ e2e.json)
 #   bash benchmarks/gpu_run.sh smoke      the demo on the small model (16 prompts)
 #   bash benchmarks/gpu_run.sh gemm-sweep every candidate tile at every point (gemm_sweep.json)
@@ -73,6 +74,33 @@ cache_report() {
     | tee -a "$OUT/triton_cache.txt"
   touch "$mark"
 }
+# FlashInfer modules prebuilt for sm_90a without a GPU (benchmarks/prebuild_flashinfer.py), when
+# carried: a minimal flashinfer_jit_cache package, put on PYTHONPATH as it is (FlashInfer only
+# dlopens from it, so a read-only copy does), from which FlashInfer loads those modules instead
+# of compiling them with nvcc. Its report (modules found, loaded) decides: not used if this
+# FlashInfer refuses it (another version: flashinfer would not even import), a module does not
+# load here, or the GPU is not sm_90. After each mode, fi_report names the modules FlashInfer
+# still compiled: new .so files in its JIT workspace. Log: $OUT/flashinfer_aot.txt.
+# The mark is this script's own: two modes may run side by side (SKIP_INSTALL=1).
+FI_MARK=/tmp/.flashinfer_jit_mark.$$
+FI_JIT_DIR="${FLASHINFER_WORKSPACE_BASE:-$HOME}/.cache/flashinfer"
+if [[ -d "$REPO/.flashinfer_aot_sm90/flashinfer_jit_cache" ]]; then
+  # pipefail: the report's exit status, not tee's.
+  if PYTHONPATH="$PYTHONPATH:$REPO/.flashinfer_aot_sm90" python3 "$REPO/benchmarks/prebuild_flashinfer.py" \
+    --report 2>&1 | tee "$OUT/flashinfer_aot.txt"; then
+    export PYTHONPATH="$PYTHONPATH:$REPO/.flashinfer_aot_sm90"
+    mkdir -p "$FI_JIT_DIR" && touch "$FI_MARK"
+  fi
+fi
+fi_report() {
+  [[ -f "$FI_MARK" ]] || return 0
+  local built
+  built=$(find "$FI_JIT_DIR" -name '*.so' -newer "$FI_MARK" -printf '%f ')
+  echo "flashinfer after $1: modules JIT-compiled here: $(wc -w <<< "$built")${built:+ ($built)}" \
+    | tee -a "$OUT/flashinfer_aot.txt"
+  touch "$FI_MARK"
+}
+after_mode() { cache_report "$1"; fi_report "$1"; }
 what=" ${*:-all} "
 rc=0
 if [[ $what == *" tp "* || "${AB_TP:-1}" != 1 || "${DET_MATRIX_TP:-1}" != 1 ]]; then
@@ -91,26 +119,26 @@ if [[ $what == *" kernels "* || $what == *" all "* ]]; then
   python3 -m pytest -v -m "gpu and not slow" "$REPO/tests" -p no:cacheprovider --continue-on-collection-errors \
     ${KERNELS_K:+-k "$KERNELS_K"} 2>&1 | tee "$OUT/kernels.log" | grep -v -E " PASSED | SKIPPED |^$"
   rc=$(( rc | ${PIPESTATUS[0]} ))
-  cache_report kernels
+  after_mode kernels
 fi
 if [[ $what == *" fa3 "* ]]; then
   python3 -m pytest -q "$REPO/tests/test_attention_fa3.py" "$REPO/tests/test_attention_variants.py" \
     -p no:cacheprovider 2>&1 | tee "$OUT/fa3.log" | tail -40
   rc=$(( rc | ${PIPESTATUS[0]} ))
-  cache_report fa3
+  after_mode fa3
 fi
 if [[ $what == *" flashinfer "* ]]; then
   # FI_K: a pytest -k expression choosing among the flashinfer tests (default: all).
   python3 -m pytest -v "$REPO/tests/test_attention_flashinfer.py" "$REPO/tests/test_attention_variants.py" \
     -p no:cacheprovider ${FI_K:+-k "$FI_K"} 2>&1 | tee "$OUT/flashinfer.log" | grep -v -E " PASSED |^$" | tail -60
   rc=$(( rc | ${PIPESTATUS[0]} ))
-  cache_report flashinfer
+  after_mode flashinfer
 fi
 if [[ $what == *" smoke "* || $what == *" all "* ]]; then
   python3 -m det_backend.demo --config small --prompts 16 --max-tokens 32 --json "$OUT/smoke.json" \
     2>&1 | tee "$OUT/smoke.log" | tail -40
   rc=$(( rc | ${PIPESTATUS[0]} ))
-  cache_report smoke
+  after_mode smoke
 fi
 if [[ $what == *" e2e "* || $what == *" all "* ]]; then
   # E2E_K: a pytest -k expression choosing among the end-to-end tests (default: all), e.g.
@@ -119,25 +147,25 @@ if [[ $what == *" e2e "* || $what == *" all "* ]]; then
     ${E2E_K:+-k "$E2E_K"} 2>&1 \
     | tee "$OUT/e2e.log" | grep -v -E '^\s*$' | tail -60
   rc=$(( rc | ${PIPESTATUS[0]} ))
-  cache_report e2e
+  after_mode e2e
 fi
 if [[ $what == *" gemm-sweep "* ]]; then
   # GEMM_ARGS: more gemm.py arguments, e.g. --layers llama-3-8b:o,llama-3-8b:down (one call
   # per part keeps each under the per-command limit; gemm_table.py joins the parts).
   python3 "$REPO/benchmarks/gemm.py" --sweep ${GEMM_ARGS:-} --out "$OUT/gemm_sweep.json" > "$OUT/gemm_sweep.log" 2>&1
   rc=$(( rc | $? )); tail -5 "$OUT/gemm_sweep.log"
-  cache_report gemm-sweep
+  after_mode gemm-sweep
 fi
 if [[ $what == *" gemm "* ]]; then
   python3 "$REPO/benchmarks/gemm.py" --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" | tail -130
   rc=$(( rc | ${PIPESTATUS[0]} ))
-  cache_report gemm
+  after_mode gemm
 fi
 if [[ $what == *" matrix "* ]]; then
   DET_RESULTS_DIR="$OUT" python3 -m pytest -q -m slow "$REPO/tests/test_serve_matrix.py" \
     -p no:cacheprovider > "$OUT/matrix.log" 2>&1
   rc=$(( rc | $? )); tail -15 "$OUT/matrix.log"
-  cache_report matrix
+  after_mode matrix
 fi
 if [[ $what == *" seeded "* || $what == *" seeded-serve "* ]]; then
   # DET_MATRIX_PROMPTS: prompts per pass (default 64; four server starts fit one call).
@@ -146,7 +174,7 @@ if [[ $what == *" seeded "* || $what == *" seeded-serve "* ]]; then
     -p no:cacheprovider > "$OUT/seeded_serve.log" 2>&1
   rc=$(( rc | $? )); echo "seeded-serve: $(( SECONDS - start )) s" | tee -a "$OUT/seeded_times.txt"
   tail -15 "$OUT/seeded_serve.log"
-  cache_report seeded-serve
+  after_mode seeded-serve
 fi
 if [[ $what == *" seeded "* || $what == *" seeded-offline "* ]]; then
   start=$SECONDS
@@ -155,19 +183,19 @@ if [[ $what == *" seeded "* || $what == *" seeded-offline "* ]]; then
     | tee "$OUT/seeded_offline.log" | grep -v -E '^\s*$' | tail -30
   rc=$(( rc | ${PIPESTATUS[0]} ))
   echo "seeded-offline: $(( SECONDS - start )) s" | tee -a "$OUT/seeded_times.txt"
-  cache_report seeded-offline
+  after_mode seeded-offline
 fi
 if [[ $what == *" sampling-sweep "* ]]; then
   python3 "$REPO/benchmarks/sampling.py" --sweep --out "$OUT/sampling_sweep.json" \
     > "$OUT/sampling_sweep.log" 2>&1
   rc=$(( rc | $? )); tail -20 "$OUT/sampling_sweep.log"
-  cache_report sampling-sweep
+  after_mode sampling-sweep
 fi
 for bench in rmsnorm attention moe sampling; do
   if [[ $what == *" $bench "* ]]; then
     python3 "$REPO/benchmarks/$bench.py" --out "$OUT/$bench.json" > "$OUT/$bench.log" 2>&1
     rc=$(( rc | $? )); tail -4 "$OUT/$bench.log"
-    cache_report "$bench"
+    after_mode "$bench"
   fi
 done
 if [[ $what == *" tp "* ]]; then
@@ -188,7 +216,7 @@ if [[ $what == *" tp "* ]]; then
     ${TP_K:+-k "$TP_K"} \
     2>&1 | tee "$OUT/tp_multigpu.log" | grep -E "identical|tensor_parallel_size|passed|failed|Error|^(det|default)" | tail -40
   rc=$(( rc | ${PIPESTATUS[0]} ))
-  cache_report tp
+  after_mode tp
 fi
 if [[ $what == *" ab "* ]]; then
   # AB_BACKENDS: engines to compare, e.g. default,det,det_fa3 (default: default, vLLM BI, det).
@@ -198,6 +226,6 @@ if [[ $what == *" ab "* ]]; then
     ${AB_TP:+--tensor-parallel-size "$AB_TP"} ${AB_WORKLOADS:+--workloads "$AB_WORKLOADS"} \
     --out "$OUT/ab_throughput.json" > "$OUT/ab.log" 2>&1
   rc=$(( rc | $? )); grep -E "tok/s|Error|error" "$OUT/ab.log" | tail -20
-  cache_report ab
+  after_mode ab
 fi
 exit $rc

@@ -38,7 +38,6 @@ softcap, ALiBi, sinks, fp8 KV, head sizes other than 64/128/256, another FlashIn
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 
@@ -119,6 +118,31 @@ def device_page_indices(
     return block_table[req, pos - first].to(torch.int32)
 
 
+def prefill_module_args(head_size: int, dtype: torch.dtype) -> tuple:
+    """The arguments our plan() makes the wrapper pass to get_batch_prefill_module
+    (prefill.py:2081-2096), so the one JIT module a (head_size, dtype) loads: backend fa2; q, kv
+    and o in dtype; int32 indices (paged_kv_indptr); qk = vo head size; no position encoding,
+    sliding window, soft cap or fp16 QK reduction. benchmarks/prebuild_flashinfer.py builds
+    these ahead of time."""
+    return ("fa2", dtype, dtype, dtype, torch.int32, head_size, head_size, 0, False, False, False)
+
+
+def missing_aot_modules() -> list[str]:
+    """The variant's modules (every supported head size and dtype) absent from FlashInfer's AOT
+    directory: flashinfer-jit-cache's, which may be ours (benchmarks/prebuild_flashinfer.py).
+    FlashInfer loads a module from there when its file exists (jit/core.py:256-261, 307-309)
+    and otherwise compiles it with nvcc on first use."""
+    from flashinfer.jit import env as jit_env
+    from flashinfer.jit.attention import get_batch_prefill_uri
+
+    names = [
+        get_batch_prefill_uri(*prefill_module_args(head_size, dtype))
+        for dtype in SUPPORTED_DTYPES
+        for head_size in SUPPORTED_HEAD_SIZES
+    ]
+    return [n for n in names if not (jit_env.FLASHINFER_AOT_DIR / n / f"{n}.so").exists()]
+
+
 def platform_problems() -> list[str]:
     """What this machine lacks for the flashinfer variant (checked once, at start-up)."""
     try:
@@ -133,15 +157,16 @@ def platform_problems() -> list[str]:
         )
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         problems.append("attention variant flashinfer: needs a CUDA GPU of sm_80 or newer")
-    aot = importlib.util.find_spec("flashinfer_jit_cache") is not None
+    missing = missing_aot_modules()
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     nvcc = shutil.which("nvcc") or (
         cuda_home and shutil.which(os.path.join(cuda_home, "bin", "nvcc"))
     )
-    if not aot and not nvcc:
+    if missing and not nvcc:
         problems.append(
-            "attention variant flashinfer: FlashInfer JIT-compiles its prefill kernel with nvcc "
-            "on first use, and neither nvcc (CUDA_HOME, PATH) nor flashinfer-jit-cache is here"
+            f"attention variant flashinfer: FlashInfer JIT-compiles its prefill kernel with nvcc "
+            f"on first use, and there is no nvcc (CUDA_HOME, PATH) nor a prebuilt module in "
+            f"flashinfer-jit-cache for {len(missing)} of its head sizes and dtypes ({missing[0]})"
         )
     return problems
 
