@@ -107,10 +107,13 @@ def main() -> None:
         raise SystemExit(f"--workloads: unknown {unknown or names}; choose from {list(every)}")
     workloads = [every[n]() for n in names]
     dets = tuple(b for b in backends if b.startswith("det"))
+    # At TP > 1 the default engine runs last: on two H200s it hung at TP=2 (gpu_run.sh sets
+    # VLLM_SKIP_P2P_CHECK=0 since), and a call cut short should still have our engines.
+    order = backends if args.tensor_parallel_size == 1 else (*backends[1:], backends[0])
     result = run_backends(
         args.config,
         workloads,
-        backends,
+        order,
         alone_backends=dets,
         tensor_parallel_size=args.tensor_parallel_size,
     )

@@ -49,12 +49,13 @@ def compare_tp(
     max_tokens: int = 64,
     num_alone: int | None = None,
     runs: int = 2,
-    backends: tuple[str, ...] = ("default", "det"),
+    backends: tuple[str, ...] = ("det", "default"),
     verbose: bool = False,
 ) -> dict:
     """det_backend in `runs` fresh engine processes, vLLM's default once (the control that
-    shows the test can fail). `identical_across_runs[backend]`, for a backend run more than
-    once: prompts whose batched output is bit-identical in every run."""
+    shows the test can fail), last: on two H200s vLLM's default engine hung at TP=2, and a
+    call cut short should still have our runs. `identical_across_runs[backend]`, for a
+    backend run more than once: prompts whose batched output is bit-identical in every run."""
     num_alone = num_prompts if num_alone is None else num_alone
     w = demo.workload("main", num_prompts, max_tokens, num_alone, demo.vocab_size(config))
     result = {
