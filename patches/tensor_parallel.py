@@ -72,10 +72,16 @@ ENV = {**NCCL_ENV, **VLLM_ENV}
 #   them. With two addends every algorithm computes each element as one rounded sum of the
 #   two partials, and a + b = b + a bit for bit, so message size, algorithm, channels and
 #   protocol cannot change the bits: the custom all-reduce (custom_all_reduce.cuh: each rank
-#   upcasts both partials, adds in fp32 in its own rank-rotated order, rounds once), NCCL's
-#   ring and tree at 2 ranks (one add per element). From 3 ranks the orders differ ((a+b)+c
-#   vs a+(b+c)), so it is refused there. Symmetric-memory and FlashInfer all-reduces and the
-#   COMM_PASSES stay off in both modes (multimem reductions in the switch, fused RMSNorm).
+#   upcasts both partials, adds in fp32 in its own rank-rotated order, rounds to the model
+#   dtype), NCCL's ring and tree at 2 ranks (one add per element, bf16/fp16 natively on sm_80+).
+#   The custom all-reduce rounds twice (to fp32, then to bf16/fp16) where NCCL rounds once,
+#   but for addition double rounding through a format of p' >= 2p + 2 significand bits is
+#   innocuous (Figueroa, 1995): fp32's 24 >= 18 for bf16 (p = 8) and >= 24 for fp16 (p = 11),
+#   so the two paths, which vLLM picks by message size (that is, by batch), agree bit for bit.
+#   From 3 ranks the orders differ ((a+b)+c vs a+(b+c)), so it is refused there.
+#   Symmetric-memory and FlashInfer all-reduces and the COMM_PASSES stay off in both modes
+#   (multimem reductions in the switch, fused RMSNorm).
+#   tests/test_tensor_parallel.py checks the double-rounding claim on random pairs.
 ALLREDUCE_ENV = "DET_BACKEND_TP_ALLREDUCE"
 ALLREDUCE_MODES = ("nccl", "two-rank")
 

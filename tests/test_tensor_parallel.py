@@ -318,3 +318,30 @@ def test_tp2_alone_equals_batch_and_runs_repeat():
         assert run["identical_batch_repeat"] == run["prompts_batch"]
     assert result["identical_across_runs"]["det"] == 32
     assert default["identical_alone_vs_batch"] < default["prompts_alone"]
+
+
+@pytest.mark.parametrize("dtype, bits, max_gap", [(torch.bfloat16, 8, 30), (torch.float16, 11, 12)])
+def test_two_rank_all_reduce_paths_round_alike(dtype, bits, max_gap):
+    """Two-rank mode rests on this: vLLM's custom all-reduce adds two partials in fp32 and
+    rounds to the model dtype (two roundings), NCCL adds them once in that dtype; vLLM picks
+    between them by message size, so by batch. Both must give the correctly rounded a + b.
+    Random pairs with exponent gaps up to max_gap, against the exact float64 sum rounded to
+    nearest-even at `bits`; the control rounds through too few bits first and differs."""
+    import numpy as np
+
+    def round_to(x, p):  # x = m * 2**e with 0.5 <= |m| < 1; m to p bits, ties to even
+        m, e = np.frexp(x)
+        return np.ldexp(np.rint(np.ldexp(m, p)), e - p)
+
+    gen = torch.Generator().manual_seed(8)
+    n = 1 << 18
+    a = torch.randn(n, generator=gen).to(dtype)
+    gap = torch.randint(0, max_gap, (n,), generator=gen).float()
+    b = (torch.randn(n, generator=gen) * torch.pow(2.0, -gap)).to(dtype)
+    exact = a.double().numpy() + b.double().numpy()  # two 8- or 11-bit values: exact in 53
+    once = torch.from_numpy(round_to(exact, bits)).to(dtype)
+    custom_all_reduce = (a.float() + b.float()).to(dtype)
+    assert torch.equal(custom_all_reduce, once)
+    assert torch.equal(b.float().add(a.float()).to(dtype), once)  # either rank's order
+    control = torch.from_numpy(round_to(round_to(exact, bits + 2), bits)).to(dtype)
+    assert not torch.equal(control, once)
