@@ -58,24 +58,33 @@ WEIGHT_SEED = 1234
 ENGINE_TIMEOUT_S = 1500.0
 
 
-def run_engine_process(cmd: list[str], env: dict, what: str) -> None:
-    """Runs one engine process in a session of its own and waits at most DET_ENGINE_TIMEOUT_S.
-    On a failure or a timeout, and after success, the whole process group is killed, so a
-    worker left behind cannot hold a GPU for the next engine. RuntimeError names `what`."""
+def engine_timeout_s() -> float:
+    return float(os.environ.get("DET_ENGINE_TIMEOUT_S", ENGINE_TIMEOUT_S))
+
+
+def kill_process_group(proc: subprocess.Popen) -> None:
+    """Kills the session `proc` leads (started with start_new_session=True): the engine and
+    any worker it left behind, so none keeps a GPU for the next engine."""
     import signal
 
-    timeout = float(os.environ.get("DET_ENGINE_TIMEOUT_S", ENGINE_TIMEOUT_S))
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def run_engine_process(cmd: list[str], env: dict, what: str) -> None:
+    """Runs one engine process in a session of its own and waits at most DET_ENGINE_TIMEOUT_S;
+    then (success, failure or timeout) kills its process group. RuntimeError names `what`."""
+    timeout = engine_timeout_s()
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         code = None
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+        kill_process_group(proc)
     if code is None:
         raise RuntimeError(f"det_backend: {what} did not finish in {timeout:.0f} s (killed)")
     if code != 0:

@@ -89,11 +89,7 @@ def _start(mode: str, tp: int, gpus: list[str], tmp: str, verbose: bool) -> subp
 def _wait(procs: list[subprocess.Popen]) -> None:
     """Waits for engines started side by side, together at most DET_ENGINE_TIMEOUT_S, then
     kills each one's process group (demo.run_engine_process says why)."""
-    import signal
-
-    deadline = time.monotonic() + float(
-        os.environ.get("DET_ENGINE_TIMEOUT_S", demo.ENGINE_TIMEOUT_S)
-    )
+    deadline = time.monotonic() + demo.engine_timeout_s()
     codes = []
     for p in procs:
         try:
@@ -101,11 +97,7 @@ def _wait(procs: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             codes.append(None)
     for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        p.wait()
+        demo.kill_process_group(p)
     if any(c != 0 for c in codes):
         raise RuntimeError(
             f"det_backend.tp_invariance: an engine process failed or timed out "

@@ -287,7 +287,7 @@ def _tensor_parallel_problems(vllm_config) -> list[str]:
                 f"compilation pass {name}=True rewrites the tensor-parallel all-reduce (and "
                 "fuse_allreduce_rms replaces our RMSNorm); set it to False"
             )
-    env = VLLM_ENV if two_rank else ENV
+    env = required_env(par.tensor_parallel_size)
     wrong = {name: os.environ.get(name) for name, value in env.items()}
     wrong = {name: value for name, value in wrong.items() if value != env[name]}
     if wrong:
