@@ -54,19 +54,22 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu
 # pointed there, and used by every mode. After each mode, cache_report says how many kernels
 # that mode still compiled (misses, by name) and how many prebuilt ones it read (hits, from
 # access times: 0 hits with 0 misses means a noatime mount). Log: $OUT/triton_cache.txt.
-rm -f /tmp/.triton_cache_mark
+# Modes side by side (SKIP_INSTALL=1, one per GPU) each get their own copy and mark.
+TC_SUFFIX="${CUDA_VISIBLE_DEVICES:+_gpu${CUDA_VISIBLE_DEVICES//,/_}}"
+TC_MARK=/tmp/.triton_cache_mark$TC_SUFFIX
+rm -f "$TC_MARK"
 if [[ -d "$REPO/.triton_cache_sm90" ]]; then
-  export TRITON_CACHE_DIR=/tmp/triton_cache_sm90
+  export TRITON_CACHE_DIR=/tmp/triton_cache_sm90$TC_SUFFIX
   rm -rf "$TRITON_CACHE_DIR" && cp -r "$REPO/.triton_cache_sm90" "$TRITON_CACHE_DIR"
   chmod -R u+w "$TRITON_CACHE_DIR"
   python3 "$REPO/benchmarks/prebuild_cache.py" --relocate "$TRITON_CACHE_DIR" 2>&1 | tee "$OUT/triton_cache.txt"
   # Old access times, so that reading a prebuilt kernel updates them (relatime).
   find "$TRITON_CACHE_DIR" -type f -exec touch -a -d 2000-01-01 {} +
-  touch /tmp/.triton_cache_mark
+  touch "$TC_MARK"
 fi
 cache_report() {
-  [[ -f /tmp/.triton_cache_mark ]] || return 0
-  local mark=/tmp/.triton_cache_mark new hits launchers
+  [[ -f "$TC_MARK" ]] || return 0
+  local mark="$TC_MARK" new hits launchers
   new=$(find "$TRITON_CACHE_DIR" -name '__grp__*.json' -newer "$mark" | sed 's/.*__grp__//; s/\.json$//' | sort | uniq -c | tr -s ' \n' ' ')
   hits=$(find "$TRITON_CACHE_DIR" -name '*.cubin' -anewer "$mark" ! -newer "$mark" | wc -l)
   launchers=$(find "$TRITON_CACHE_DIR" -name '__triton_launcher*' -newer "$mark" | wc -l)
