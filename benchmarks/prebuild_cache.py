@@ -265,6 +265,7 @@ def build(
     layers: str | None = None,
     max_m: int = 8192,
     tests: str | None = None,
+    keep_ir: bool = False,
 ):
     import importlib
 
@@ -295,6 +296,8 @@ def build(
             except Exception as e:  # gemm.py records such a config as an error, so do we
                 errors[label] = f"{type(e).__name__}: {str(e)[:200]}"
     seconds = time.perf_counter() - start
+    if not keep_ir:
+        strip_to_binaries(out)
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"builds": []}
     manifest["triton"] = triton.__version__
@@ -319,6 +322,20 @@ def build(
     )
     for label, err in errors.items():
         print(f"  error {label}: {err}")
+
+
+def strip_to_binaries(cache: Path) -> None:
+    """Keep of each entry only what a cache hit reads (`triton.compiler.compile` ->
+    `CompiledKernel`: the metadata .json and the .cubin); the IRs (.source, .ttir, .ttgir,
+    .llir, .ptx) are for reading only and are 85% of the bytes. `get_group` returns the
+    children listed in the group file, so those are listed no more."""
+    for grp in cache.glob("*/__grp__*.json"):
+        paths = json.loads(grp.read_text()).get("child_paths", {})
+        keep = {name: p for name, p in paths.items() if name.endswith((".json", ".cubin"))}
+        for name in paths.keys() - keep.keys():
+            (grp.parent / name).unlink(missing_ok=True)
+        if keep != paths:
+            grp.write_text(json.dumps({"child_paths": keep}))
 
 
 def cache_stats(cache: Path) -> tuple[int, int]:
@@ -372,6 +389,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=CACHE_DIR)
     parser.add_argument(
+        "--keep-ir", action="store_true", help="keep each kernel's IRs (default: cubin only)"
+    )
+    parser.add_argument(
         "--host-libtriton",
         default="auto",
         help="sha256 of the host's libtriton.so ('auto': the cp312 wheel's; 'local': this one's)",
@@ -396,7 +416,7 @@ def main() -> None:
         parser.error(str(e))
     sys.path.insert(0, str(Path(__file__).parent))
     for what in whats:
-        build(what, args.out, host, args.layers, args.max_m, args.tests)
+        build(what, args.out, host, args.layers, args.max_m, args.tests, args.keep_ir)
 
 
 if __name__ == "__main__":
