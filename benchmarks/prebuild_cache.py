@@ -4,6 +4,7 @@ GPU call: ~80 s per point of `gemm.py --sweep`).
 
     python benchmarks/prebuild_cache.py --what gemm-sweep            # .triton_cache_sm90/
     python benchmarks/prebuild_cache.py --what gemm --layers llama-3-8b:o,llama-3-8b:down
+    python benchmarks/prebuild_cache.py --what gemm-sweep,attention-tests  # both, one folder
     python benchmarks/prebuild_cache.py --relocate DIR               # on the host (gpu_run.sh)
 
 How: the real launchers run on CPU tensors while (1) Triton's active driver reports the target
@@ -11,7 +12,10 @@ cuda:90 and (2) every `kernel[grid](...)` is a warm-up (compile, no launch). So 
 specialized by the JIT's own code (`JITFunction.run`: dtypes, 16-byte alignment of pointers,
 ints divisible by 16 or equal to 1, constexprs, num_warps/num_stages) and written by
 `triton.compile` under the key the host computes for the same launch. The matmul launcher's
-device queries answer for an H100/H200 (sm_90, 132 SMs: both have 132).
+device queries answer for an H100/H200 (sm_90, 132 SMs: both have 132). `attention-tests`
+runs the GPU tests of tests/test_attention.py as written on CPU tensors, asserts stripped and
+checks no-ops (`attention_test_launches`); the attention launcher asks the device nothing.
+Entries keep only what a hit reads (.json, .cubin): 1/7 of the bytes.
 
 What the host must share for its key to match ours (`triton.runtime.cache.get_cache_key`):
 - `triton_key()`: Triton's version, its Python sources and the bytes of `_C/libtriton.so`. The
