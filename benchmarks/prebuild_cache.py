@@ -4,6 +4,7 @@ GPU call: ~80 s per point of `gemm.py --sweep`).
 
     python benchmarks/prebuild_cache.py --what gemm-sweep            # .triton_cache_sm90/
     python benchmarks/prebuild_cache.py --what gemm --layers llama-3-8b:o,llama-3-8b:down
+    python benchmarks/prebuild_cache.py --what gemm-sweep,attention-tests  # both, one folder
     python benchmarks/prebuild_cache.py --relocate DIR               # on the host (gpu_run.sh)
 
 How: the real launchers run on CPU tensors while (1) Triton's active driver reports the target
@@ -11,7 +12,10 @@ cuda:90 and (2) every `kernel[grid](...)` is a warm-up (compile, no launch). So 
 specialized by the JIT's own code (`JITFunction.run`: dtypes, 16-byte alignment of pointers,
 ints divisible by 16 or equal to 1, constexprs, num_warps/num_stages) and written by
 `triton.compile` under the key the host computes for the same launch. The matmul launcher's
-device queries answer for an H100/H200 (sm_90, 132 SMs: both have 132).
+device queries answer for an H100/H200 (sm_90, 132 SMs: both have 132). `attention-tests`
+runs the GPU tests of tests/test_attention.py as written on CPU tensors, asserts stripped and
+checks no-ops (`attention_test_launches`); the attention launcher asks the device nothing.
+Entries keep only what a hit reads (.json, .cubin): 1/7 of the bytes.
 
 What the host must share for its key to match ours (`triton.runtime.cache.get_cache_key`):
 - `triton_key()`: Triton's version, its Python sources and the bytes of `_C/libtriton.so`. The
@@ -33,12 +37,16 @@ C extensions built for the host's Python and are still built there (about a seco
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import hashlib
+import inspect
+import itertools
 import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,28 +165,143 @@ def gemm_launches(layers: str | None, sweep: bool, max_m: int):
                     )
 
 
-def build(what: str, layers: str | None, max_m: int, out: Path, host_libtriton: str | None):
+def attention_test_launches(tests: str | None):
+    """Every GPU-marked test of tests/test_attention.py, in each parametrization, its body run
+    as written with device "cpu": every launch it makes on the GPU, with the same arguments
+    (the tests draw their inputs on CPU generators, and a CPU tensor is 16-byte aligned
+    wherever the CUDA one is: base allocations are, and views keep the same offsets). Nothing
+    is checked: the test's `assert` statements are stripped and its checking helpers are
+    no-ops (`_unchecked`), since no output is ever computed. tests: comma-separated
+    substrings of the labels to keep (default all)."""
+    module = _load_without_asserts(REPO / "tests" / "test_attention.py")
+    wanted = tests.split(",") if tests else None
+    for name, fn in list(vars(module).items()):
+        marks = getattr(fn, "pytestmark", [])
+        if not name.startswith("test_") or not any(m.name == "gpu" for m in marks):
+            continue
+        for params in _parametrizations(marks):
+            label = f"{name}[{'-'.join(f'{k}={v}' for k, v in params.items())}]"
+            if wanted is None or any(w in label for w in wanted):
+                yield label, lambda fn=fn, params=params: _run_unchecked(fn, params)
+
+
+def _load_without_asserts(path: Path) -> types.ModuleType:
+    """Import a test file as a plain module with its `assert` statements removed (what
+    `python -O` does, for this file only: Triton and the kernels keep theirs)."""
+
+    class StripAsserts(ast.NodeTransformer):
+        def visit_Assert(self, node):
+            return ast.copy_location(ast.Pass(), node)
+
+    tests_dir = str(path.parent)
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)  # for the tests' own helpers (attention_inputs)
+    tree = StripAsserts().visit(ast.parse(path.read_text(), str(path)))
+    module = types.ModuleType(path.stem)
+    module.__file__ = str(path)
+    exec(compile(tree, str(path), "exec"), module.__dict__)
+    # The float64 reference (slow on CPU at these shapes) and the bitwise comparison.
+    module.reference = module.assert_rows_equal = lambda *args, **kwargs: None
+    return module
+
+
+def _parametrizations(marks) -> list[dict]:
+    """The argument sets pytest makes from a test's parametrize marks (no pytest.param)."""
+    axes = []
+    for mark in (m for m in marks if m.name == "parametrize"):
+        names, values = mark.args[0], mark.args[1]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else names
+        axes.append([dict(zip(names, v if len(names) > 1 else (v,), strict=True)) for v in values])
+    return [{k: v for axis in combo for k, v in axis.items()} for combo in itertools.product(*axes)]
+
+
+def _run_unchecked(fn, params: dict) -> None:
+    kwargs = {}
+    for name in inspect.signature(fn).parameters:
+        if name not in params and name != "device":
+            raise ValueError(f"{fn.__name__}: fixture {name!r} has no CPU value here")
+        kwargs[name] = params.get(name, "cpu")
+    with _unchecked():
+        fn(**kwargs)
+
+
+@contextlib.contextmanager
+def _unchecked():
+    """What the GPU tests call besides launches, as no-ops: torch.testing.assert_close, and
+    CUDA-graph capture and replay (test_attention_cuda_graph_replay): the capture's launch is
+    its warm-up's (already compiled; the test asserts the capture compiles nothing), a replay
+    compiles nothing, and the test's eager launches around them still run."""
+    import torch
+
+    patches = {
+        (torch.testing, "assert_close"): lambda *args, **kwargs: None,
+        (torch.cuda, "synchronize"): lambda *args, **kwargs: None,
+        (torch.cuda, "CUDAGraph"): lambda: types.SimpleNamespace(replay=lambda: None),
+        (torch.cuda, "graph"): lambda *args, **kwargs: contextlib.nullcontext(),
+    }
+    saved = {(obj, name): getattr(obj, name) for obj, name in patches}
+    for (obj, name), value in patches.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for (obj, name), value in saved.items():
+            setattr(obj, name, value)
+
+
+# Each build, the kernels file whose launches it compiles.
+WHATS = {"gemm": "matmul", "gemm-sweep": "matmul", "attention-tests": "attention"}
+
+
+def parse_what(values: list[str] | None) -> list[str]:
+    """--what, given several times and/or as comma lists, in order, each once."""
+    whats = [w.strip() for v in values or ["gemm-sweep"] for w in v.split(",") if w.strip()]
+    for w in whats:
+        if w not in WHATS:
+            raise ValueError(f"--what {w!r}: one of {', '.join(WHATS)}")
+    return list(dict.fromkeys(whats))
+
+
+def build(
+    what: str,
+    out: Path,
+    host_libtriton: str | None,
+    layers: str | None = None,
+    max_m: int = 8192,
+    tests: str | None = None,
+    keep_ir: bool = False,
+):
+    import importlib
+
     import triton
     from triton import knobs
 
-    if what not in ("gemm", "gemm-sweep"):
-        raise ValueError(f"--what {what!r}: one of gemm, gemm-sweep")
-    from det_backend.kernels import matmul as mm
-
+    source = WHATS[what]
+    kernels = importlib.import_module(f"det_backend.kernels.{source}")
     # A kernel's key hashes its source: build from the sources this checkout will carry.
-    if Path(mm.__file__).read_bytes() != (REPO / "kernels" / "matmul.py").read_bytes():
-        raise SystemExit(f"det_backend imports {mm.__file__}, not {REPO}'s: install this checkout")
+    if Path(kernels.__file__).read_bytes() != (REPO / "kernels" / f"{source}.py").read_bytes():
+        raise SystemExit(
+            f"det_backend imports {kernels.__file__}, not {REPO}'s: install this checkout"
+        )
+    if what == "attention-tests":
+        launches, params = attention_test_launches(tests), {"tests": tests}
+    else:
+        launches = gemm_launches(layers, what == "gemm-sweep", max_m)
+        params = {"layers": layers, "max_m": max_m}
     out.mkdir(parents=True, exist_ok=True)
     knobs.cache.dir = str(out)
     start = time.perf_counter()
-    errors = {}
+    errors, labels = {}, []
     with compile_only_sm90(host_libtriton) as counts:
-        for label, launch in gemm_launches(layers, what == "gemm-sweep", max_m):
+        for label, launch in launches:
+            labels.append(label)
             try:
                 launch()
             except Exception as e:  # gemm.py records such a config as an error, so do we
                 errors[label] = f"{type(e).__name__}: {str(e)[:200]}"
     seconds = time.perf_counter() - start
+    if not keep_ir:
+        strip_to_binaries(out)
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"builds": []}
     manifest["triton"] = triton.__version__
@@ -186,8 +309,8 @@ def build(what: str, layers: str | None, max_m: int, out: Path, host_libtriton: 
     manifest["builds"].append(
         {
             "what": what,
-            "layers": layers,
-            "max_m": max_m,
+            **params,
+            "launches": len(labels),
             "compiled": counts["compiled"],
             "already_cached": counts["hit"],
             "kernels": sorted(counts["names"]),
@@ -203,6 +326,20 @@ def build(what: str, layers: str | None, max_m: int, out: Path, host_libtriton: 
     )
     for label, err in errors.items():
         print(f"  error {label}: {err}")
+
+
+def strip_to_binaries(cache: Path) -> None:
+    """Keep of each entry only what a cache hit reads (`triton.compiler.compile` ->
+    `CompiledKernel`: the metadata .json and the .cubin); the IRs (.source, .ttir, .ttgir,
+    .llir, .ptx) are for reading only and are 85% of the bytes. `get_group` returns the
+    children listed in the group file, so those are listed no more."""
+    for grp in cache.glob("*/__grp__*.json"):
+        paths = json.loads(grp.read_text()).get("child_paths", {})
+        keep = {name: p for name, p in paths.items() if name.endswith((".json", ".cubin"))}
+        for name in paths.keys() - keep.keys():
+            (grp.parent / name).unlink(missing_ok=True)
+        if keep != paths:
+            grp.write_text(json.dumps({"child_paths": keep}))
 
 
 def cache_stats(cache: Path) -> tuple[int, int]:
@@ -244,10 +381,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--what", default="gemm-sweep", help="gemm (the table) or gemm-sweep")
+    parser.add_argument(
+        "--what",
+        action="append",
+        help="gemm (the table), gemm-sweep (default) or attention-tests; repeat or comma-join",
+    )
     parser.add_argument("--layers", help="comma-separated model:layer of gemm.py (default all)")
     parser.add_argument("--max-m", type=int, default=8192)
+    parser.add_argument(
+        "--tests", help="attention-tests: comma-separated substrings of test labels (default all)"
+    )
     parser.add_argument("--out", type=Path, default=CACHE_DIR)
+    parser.add_argument(
+        "--keep-ir", action="store_true", help="keep each kernel's IRs (default: cubin only)"
+    )
     parser.add_argument(
         "--host-libtriton",
         default="auto",
@@ -267,8 +414,13 @@ def main() -> None:
         raise SystemExit(f"no host libtriton.so hash for triton {triton.__version__}; pass one")
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("prebuild_cache.py compiles for sm_90: unset TRITON_INTERPRET")
+    try:
+        whats = parse_what(args.what)
+    except ValueError as e:
+        parser.error(str(e))
     sys.path.insert(0, str(Path(__file__).parent))
-    build(args.what, args.layers, args.max_m, args.out, host)
+    for what in whats:
+        build(what, args.out, host, args.layers, args.max_m, args.tests, args.keep_ir)
 
 
 if __name__ == "__main__":

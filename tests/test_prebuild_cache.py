@@ -5,11 +5,13 @@ The builds run in processes of their own (this one runs Triton's interpreter) an
 machine's triton_key (`--host-libtriton local`), so the hits here are real cache lookups.
 """
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,16 @@ sys.path.insert(0, str(BENCH))
 HAS_PTXAS = (Path(__import__("triton").__file__).parent / "backends/nvidia/bin/ptxas").exists()
 
 
-def build(out: Path) -> tuple[int, int]:
-    """(compiled, found in the cache) for the table's configs at llama-3-8b:o, M = 1 and 2."""
+GEMM = ["--what", "gemm", "--layers", "llama-3-8b:o", "--max-m", "2"]
+# The CUDA-graph test with a single-pass graph: a pool of 7 decodes, 6 kernels, seconds.
+ATTENTION = ["--what", "attention-tests", "--tests", "cuda_graph_replay[split=False]"]
+
+
+def build(out: Path, args: list[str] = GEMM) -> tuple[int, int]:
+    """(compiled, found in the cache); by default for the table's configs at llama-3-8b:o,
+    M = 1 and 2."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = ["--what", "gemm", "--layers", "llama-3-8b:o", "--max-m", "2", "--out", str(out)]
+    args = [*args, "--out", str(out)]
     run = subprocess.run(
         [sys.executable, str(BENCH / "prebuild_cache.py"), *args, "--host-libtriton", "local"],
         env=env,
@@ -61,3 +69,49 @@ def test_host_key_differs_from_ours_only_in_libtriton():
     ours, theirs = prebuild.triton_key(), prebuild.triton_key(host)
     assert ours != theirs and host in theirs
     assert theirs.replace(host, prebuild._libtriton_sha256()) == ours
+
+
+@pytest.mark.skipif(not HAS_PTXAS, reason="Triton's ptxas is not installed")
+def test_attention_tests_build_then_all_cached(tmp_path):
+    compiled, cached = build(tmp_path, ATTENTION)
+    assert compiled > 0 and cached == 0
+    # Entries keep only what a hit reads, and are found again.
+    assert list(tmp_path.glob("*/*.cubin")) and not list(tmp_path.glob("*/*.ptx"))
+    assert build(tmp_path, ATTENTION) == (0, compiled)
+    first = json.loads((tmp_path / "prebuild.json").read_text())["builds"][0]
+    assert first["launches"] == 1 and first["errors"] == {}
+    assert first["kernels"] == ["_merge_segments_kernel", "_paged_attention_kernel"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_PTXAS, reason="Triton's ptxas is not installed")
+def test_attention_tests_full_build_then_all_cached(tmp_path):
+    """Every GPU test of test_attention.py (minutes: the real-shape inputs are built on CPU)."""
+    everything = ["--what", "attention-tests"]
+    compiled, _ = build(tmp_path, everything)
+    assert compiled > 0
+    assert build(tmp_path, everything)[0] == 0
+
+
+def test_attention_tests_build_runs_every_gpu_test():
+    """One launch per test that pytest would run on the GPU, parametrizations included."""
+    prebuild = pytest.importorskip("prebuild_cache")
+    ours = Counter(label.split("[")[0] for label, _ in prebuild.attention_test_launches(None))
+    path = Path(__file__).with_name("test_attention.py")
+    collect = ["--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(path)]
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", *collect],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    theirs = Counter(re.findall(r"::(test_\w+)\[", collected))
+    assert ours == theirs and len(theirs) == 3, (ours, collected[-2000:])
+
+
+def test_what_is_repeatable_and_comma_joined():
+    prebuild = pytest.importorskip("prebuild_cache")
+    assert prebuild.parse_what(None) == ["gemm-sweep"]
+    assert prebuild.parse_what(["gemm,attention-tests", "gemm"]) == ["gemm", "attention-tests"]
+    with pytest.raises(ValueError, match="attention"):
+        prebuild.parse_what(["attention"])
