@@ -21,9 +21,14 @@ def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    # CPU tests that take minutes (the full prebuilt-cache build) run only when asked, so
+    # `pytest` (CI) stays quick; DET_RUN_SLOW=1 runs them.
+    skip_slow = pytest.mark.skip(reason="slow on the CPU; DET_RUN_SLOW=1 runs it")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        elif "slow" in item.keywords and os.environ.get("DET_RUN_SLOW") != "1":
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture
