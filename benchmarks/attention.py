@@ -37,8 +37,14 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
+from pathlib import Path
 
 from harness import bench, copy_bandwidth, geomean, graphed, main, pyplot, run_info
+
+# The model feature sets are the GPU tests' own (tests/attention_inputs.py).
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from attention_inputs import REAL_FEATURES  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD = 32, 8, 128
 BLOCK = 16
@@ -302,22 +308,11 @@ def _flashinfer_summary(decode: list[dict], prefill: list[dict]) -> dict:
     }
 
 
-# Model features: the sets of tests/test_attention.py REAL_FEATURES (a CPU test keeps the two
-# equal): (q heads, kv heads, head size, features, scale); True for alibi_slopes / sinks means
-# the tensor is made at run time (BLOOM's slopes as vLLM computes them; sinks ~ N(3, 2^2)).
-FEATURE_SETS = {
-    # Mistral-7B-v0.1: window 4096.
-    "mistral": (32, 8, 128, dict(sliding_window=4096), 128**-0.5),
-    # Gemma-2-9B local layers: window 4096, softcap 50, query_pre_attn_scalar 256.
-    "gemma2": (16, 8, 256, dict(sliding_window=4096, softcap=50.0), 256**-0.5),
-    # gpt-oss sliding layers: window 128, sinks, head 64, G = 8.
-    "gpt-oss": (64, 8, 64, dict(sliding_window=128, sinks=True), 64**-0.5),
-    # BLOOM / MPT: ALiBi, multi-head.
-    "alibi": (32, 32, 128, dict(alibi_slopes=True), 128**-0.5),
-    # Phi-3-mini: head 96 (padded to 128), window 2047.
-    "phi3": (32, 32, 96, dict(sliding_window=2047), 96**-0.5),
-    "head80": (32, 8, 80, {}, 80**-0.5),
-}
+# Model features: the GPU tests' sets (tests/attention_inputs.py REAL_FEATURES): (q heads,
+# kv heads, head size, features, scale); True for alibi_slopes / sinks means the tensor is made
+# at run time (BLOOM's slopes as vLLM computes them; sinks ~ N(3, 2^2)).
+FEATURE_SETS = REAL_FEATURES
+
 # One decode batch (64 requests, contexts 4160..8192) and one prefill batch (4 chunks of 2048
 # new tokens after 6144 cached): longer than every window (<= 4096), so windows skip keys.
 FEATURE_BATCHES = {

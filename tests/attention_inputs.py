@@ -175,3 +175,21 @@ def join(*batches: Batch) -> Batch:
         [s for b in batches for s in b.specs],
         first.scale,
     )
+
+
+# Model-shaped feature sets at real sizes: (q heads, kv heads, head_size, features, scale);
+# True for alibi_slopes / sinks: the tensor is made where it is used. The GPU tests
+# (test_attention.py) and the benchmark's features section (benchmarks/attention.py) share it.
+REAL_FEATURES = {
+    # Mistral-7B-v0.1: window 4096.
+    "mistral": (32, 8, 128, dict(sliding_window=4096), 128**-0.5),
+    # Gemma-2-9B local layers: window 4096, softcap 50, query_pre_attn_scalar 256.
+    "gemma2": (16, 8, 256, dict(sliding_window=4096, softcap=50.0), 256**-0.5),
+    # gpt-oss sliding layers: window 128, sinks, head 64, G = 8.
+    "gpt-oss": (64, 8, 64, dict(sliding_window=128, sinks=True), 64**-0.5),
+    # BLOOM / MPT: ALiBi, multi-head.
+    "alibi": (32, 32, 128, dict(alibi_slopes=True), 128**-0.5),
+    # Phi-3-mini: head 96 (padded to 128), window 2047.
+    "phi3": (32, 32, 96, dict(sliding_window=2047), 96**-0.5),
+    "head80": (32, 8, 80, {}, 80**-0.5),
+}

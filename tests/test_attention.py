@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from attention_inputs import (
+    REAL_FEATURES,
     Batch,
     alibi_slopes,
     assert_rows_equal,
@@ -502,22 +503,6 @@ def test_attention_invariant_real_shapes(dtype, device):
     ):
         out = run(decodes, max_num_segments=bound, split=split, segment_programs=programs)
         assert_rows_equal(out, expected, f"decode bound={bound} split={split} P={programs}")
-
-
-# Model-shaped feature sets at real sizes: (q heads, kv heads, head_size, features, scale).
-REAL_FEATURES = {
-    # Mistral-7B-v0.1: window 4096.
-    "mistral": (32, 8, 128, dict(sliding_window=4096), 128**-0.5),
-    # Gemma-2-9B local layers: window 4096, softcap 50, query_pre_attn_scalar 256.
-    "gemma2": (16, 8, 256, dict(sliding_window=4096, softcap=50.0), 256**-0.5),
-    # gpt-oss sliding layers: window 128, sinks, head 64, G = 8.
-    "gpt-oss": (64, 8, 64, dict(sliding_window=128, sinks=True), 64**-0.5),
-    # BLOOM / MPT: ALiBi, multi-head.
-    "alibi": (32, 32, 128, dict(alibi_slopes=True), 128**-0.5),
-    # Phi-3-mini: head 96 (padded to 128), window 2047.
-    "phi3": (32, 32, 96, dict(sliding_window=2047), 96**-0.5),
-    "head80": (32, 8, 80, {}, 80**-0.5),
-}
 
 
 @pytest.mark.gpu

@@ -132,21 +132,28 @@ def fake_openai():
     server.stop()
 
 
-def test_matrix_seeded_cells_send_the_settings_and_keep_the_preemption_count(
-    fake_openai, monkeypatch, tmp_path
-):
-    """run_variant against a fake OpenAI server standing in for every `vllm serve`: each cell
-    sends the seeded fields, scores against the reference, and the preemption cell keeps the
-    count (None: the fake has no /metrics)."""
-    server = fake_openai
+@pytest.fixture
+def served_args(fake_openai, monkeypatch):
+    """Every `vllm serve` of matrix.run_variant answered by the fake server; the list of each
+    start's arguments."""
     started = []
 
     @contextlib.contextmanager
     def serve(model, port, args, timeout):
         started.append(args)
-        yield drift.Served(server.base_url, None, "")
+        yield drift.Served(fake_openai.base_url, None, "")
 
     monkeypatch.setattr(matrix.drift, "serve_vllm", serve)
+    return started
+
+
+def test_matrix_seeded_cells_send_the_settings_and_keep_the_preemption_count(
+    fake_openai, served_args, tmp_path
+):
+    """run_variant against a fake OpenAI server standing in for every `vllm serve`: each cell
+    sends the seeded fields, scores against the reference, and the preemption cell keeps the
+    count (None: the fake has no /metrics)."""
+    server, started = fake_openai, served_args
     prompts = matrix.make_prompts(vocab=32000, num=16)
     records = {}
     cells = ("prefix_cache_warm", "batch_256", "chunked_prefill_256", "preemption")
@@ -166,17 +173,10 @@ def test_matrix_seeded_cells_send_the_settings_and_keep_the_preemption_count(
     assert ["--max-num-batched-tokens", "256"] == started[1][-2:]
 
 
-def test_matrix_tensor_parallel_serves_every_server_at_that_size(fake_openai, monkeypatch):
+def test_matrix_tensor_parallel_serves_every_server_at_that_size(served_args):
     """DET_MATRIX_TP / --tensor-parallel-size: each `vllm serve` of the run gets the flag, the
     reference server and the cells' own servers alike; TP=1 adds nothing."""
-    started = []
-
-    @contextlib.contextmanager
-    def serve(model, port, args, timeout):
-        started.append(args)
-        yield drift.Served(fake_openai.base_url, None, "")
-
-    monkeypatch.setattr(matrix.drift, "serve_vllm", serve)
+    started = served_args
     prompts = matrix.make_prompts(vocab=32000, num=16)
     cells = ("batch_256", "chunked_prefill_256", "restart")
     for tp, flag in ((2, ["--tensor-parallel-size", "2"]), (1, [])):
