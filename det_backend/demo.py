@@ -110,6 +110,14 @@ def make_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed: int)
     ]
 
 
+# "1": every engine of these demos and benchmarks starts with disable_custom_all_reduce=True.
+# On the lent two-H200 hosts vLLM's default engine at TP=2 died in its first forward with an
+# illegal memory access (twice, also with VLLM_SKIP_P2P_CHECK=0), while our pinned engines,
+# which differ from it in turning vLLM's custom all-reduce off, ran; gpu_run.sh sets this at
+# TP > 1 so the default control runs there, on NCCL. Results record it.
+NO_CUSTOM_ALL_REDUCE = "DET_DEMO_NO_CUSTOM_ALL_REDUCE"
+
+
 def reinit_weights(model) -> None:
     """Realistic-scale synthetic weights, identical in every process that calls this."""
     import torch
@@ -174,8 +182,15 @@ def engine_worker(args: argparse.Namespace) -> None:
         kwargs.update(disable_log_stats=False)
     if BACKENDS[args.engine_worker]["attention_backend"]:
         kwargs["attention_backend"] = BACKENDS[args.engine_worker]["attention_backend"]
+    if os.environ.get(NO_CUSTOM_ALL_REDUCE) == "1":
+        kwargs["disable_custom_all_reduce"] = True
     llm = LLM(**kwargs)
-    llm.apply_model(reinit_weights)
+    # By module name: run as `python -m det_backend.demo`, this file's reinit_weights is
+    # __main__.reinit_weights, which vLLM's spawned TP workers (another __main__) cannot
+    # unpickle; the imported module's function pickles as det_backend.demo.reinit_weights.
+    from det_backend.demo import reinit_weights as reinit
+
+    llm.apply_model(reinit)
     tag = f"[{args.engine_worker}]"
     results = {}
     for w in plan["workloads"]:

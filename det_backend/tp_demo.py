@@ -64,6 +64,8 @@ def compare_tp(
         "num_prompts": num_prompts,
         "max_tokens": max_tokens,
         "prompt_lengths": w["prompt_lengths"],
+        # On: every engine ran on NCCL without vLLM's custom all-reduce (demo.NO_CUSTOM_ALL_REDUCE).
+        "disable_custom_all_reduce": os.environ.get(demo.NO_CUSTOM_ALL_REDUCE) == "1",
         "runs": [],
         "identical_across_runs": {},
     }
