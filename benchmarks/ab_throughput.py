@@ -110,14 +110,7 @@ def main() -> None:
     # At TP > 1 the default engine runs last: on two H200s it hung at TP=2 (gpu_run.sh sets
     # VLLM_SKIP_P2P_CHECK=0 since), and a call cut short should still have our engines.
     order = backends if args.tensor_parallel_size == 1 else (*backends[1:], backends[0])
-    result = run_backends(
-        args.config,
-        workloads,
-        order,
-        alone_backends=dets,
-        tensor_parallel_size=args.tensor_parallel_size,
-    )
-    summary = {
+    header = {
         "config": args.config,
         "command": " ".join(["python", *sys.argv]),
         "backends": list(backends),
@@ -128,20 +121,57 @@ def main() -> None:
             for k, v in sorted(os.environ.items())
             if k.startswith(("VLLM_", "NCCL_", "DET_")) and k != "VLLM_LOGGING_LEVEL"
         },
-        "workloads": {},
     }
+
+    def save(result: dict, final: bool = False) -> dict:
+        # After every engine: a call cut at its time limit, or an engine that fails (vLLM's
+        # default at TP=2 on the lent hosts), still leaves the engines that ran in --out.
+        summary = summarize_ab(header, result, backends, dets, [w["name"] for w in workloads])
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+        if final:
+            for line in summary["lines"]:
+                print(line, flush=True)
+        return summary
+
+    result = run_backends(
+        args.config,
+        workloads,
+        order,
+        alone_backends=dets,
+        tensor_parallel_size=args.tensor_parallel_size,
+        keep_going=True,
+        on_backend_done=save,
+    )
+    summary = save(result, final=True)
+    if summary.get("failed"):
+        raise SystemExit(f"engines failed: {summary['failed']} (what ran is in {args.out})")
+    plot(summary, Path(args.out).with_suffix(".png"))
+
+
+def summarize_ab(
+    header: dict, result: dict, backends: tuple[str, ...], dets: tuple[str, ...], names: list
+) -> dict:
+    """The JSON of ab_throughput from run_backends' result so far: per workload each backend
+    that ran (tok/s, and for det backends alone = batch and batch = batch), ratios to the
+    default where it ran; `failed` names the engines that did not. `lines`: the printout."""
+    summary = {**header, "workloads": {}, "lines": []}
+    if result.get("failed"):
+        summary["failed"] = result["failed"]
     for name, w in result["workloads"].items():
         runs = {r["backend"]: r for r in w["runs"]}
-        default = runs["default"]
+        default = runs.get("default")
         entry = {k: w[k] for k in ("num_prompts", "max_tokens", "prompt_lengths")}
-        line = [f"{name}: default {default['tok_s']:.0f} tok/s"]
-        for b in backends:
+        line = [f"{name}: default " + (f"{default['tok_s']:.0f} tok/s" if default else "-")]
+        for b in (b for b in backends if b in runs):
             entry[f"{b}_tok_s"] = runs[b]["tok_s"]
             if b == "default":
                 continue
-            entry[f"{b}_vs_default"] = runs[b]["tok_s"] / default["tok_s"]
-            line.append(f"{b} {runs[b]['tok_s']:.0f} ({entry[f'{b}_vs_default']:.2f}x)")
-        for b in dets:
+            if default:
+                entry[f"{b}_vs_default"] = runs[b]["tok_s"] / default["tok_s"]
+                line.append(f"{b} {runs[b]['tok_s']:.0f} ({entry[f'{b}_vs_default']:.2f}x)")
+            else:
+                line.append(f"{b} {runs[b]['tok_s']:.0f}")
+        for b in (b for b in dets if b in runs):
             r = runs[b]
             # det's keys keep their first names (identical_fraction, ...); others get a prefix.
             pre = "" if b == "det" else f"{b}_"
@@ -153,15 +183,14 @@ def main() -> None:
             line.append(f"{b} alone = batch {entry[f'{pre}identical_alone']}")
         entry["runs"] = w["runs"]
         summary["workloads"][name] = entry
-        summary["gpu"], summary["vllm"] = default["gpu"], default["vllm"]
-        print(", ".join(line), flush=True)
+        summary["gpu"], summary["vllm"] = w["runs"][0]["gpu"], w["runs"][0]["vllm"]
+        summary["lines"].append(", ".join(line))
     # The issue's headline fields: the first (prefill_mix) workload.
-    head = summary["workloads"][workloads[0]["name"]]
+    head = summary["workloads"].get(names[0], {})
     for key in ("default_tok_s", "vllm_batch_invariant_tok_s", "det_tok_s", "identical_fraction"):
         if key in head:
             summary[key] = head[key]
-    Path(args.out).write_text(json.dumps(summary, indent=2))
-    plot(summary, Path(args.out).with_suffix(".png"))
+    return summary
 
 
 if __name__ == "__main__":

@@ -113,11 +113,11 @@ if [[ $what == *" tp "* || "${AB_TP:-1}" != 1 || "${DET_MATRIX_TP:-1}" != 1 ]]; 
   # vLLM's note on that variable names exactly this hang of the custom all-reduce. With the
   # check on, vLLM tests P2P and turns its custom all-reduce off where P2P does not work.
   export VLLM_SKIP_P2P_CHECK=0
-  # It died so again with the check on (2026-11-26, second H200 pair): profile run, first
-  # forward, illegal memory access, while our pinned engines (custom all-reduce off) ran on the
-  # same host. So the demos' and benchmarks' engines start with disable_custom_all_reduce=True
-  # (det_backend/demo.py NO_CUSTOM_ALL_REDUCE; recorded in their JSON); 0 puts it back.
-  export DET_DEMO_NO_CUSTOM_ALL_REDUCE="${DET_DEMO_NO_CUSTOM_ALL_REDUCE:-1}"
+  # It died so again with the check on, and on two H100s with the custom all-reduce off
+  # (2026-11-26). The engines of the demos, benchmarks and serve matrix then talk over NCCL
+  # alone (det_backend/demo.py NCCL_ONLY says what and why; recorded in their JSON); 0 lets
+  # vLLM's default use its custom all-reduce and FlashInfer fusion again.
+  export DET_DEMO_NCCL_ONLY="${DET_DEMO_NCCL_ONLY:-1}"
   # An engine that hangs is killed after this long, so the call goes on to the next one.
   export DET_ENGINE_TIMEOUT_S="${DET_ENGINE_TIMEOUT_S:-420}"
 fi

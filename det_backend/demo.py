@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -91,6 +92,21 @@ def run_engine_process(cmd: list[str], env: dict, what: str) -> None:
         raise RuntimeError(f"det_backend: {what} failed with exit code {code}")
 
 
+def run_engine_worker(worker, args: argparse.Namespace) -> None:
+    """The engine process's body. On any error: traceback, then os._exit(1). A plain raise
+    let the process hang at exit behind vLLM's dead workers (two H100s, 2026-11-26: the engine
+    core failed at start and the process waited out DET_ENGINE_TIMEOUT_S)."""
+    try:
+        worker(args)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def write_model_dir(config: str, directory: str) -> str:
     """A model folder holding only config.json: a bundled name or a path to a config.json."""
     if config in CONFIGS:
@@ -110,12 +126,33 @@ def make_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed: int)
     ]
 
 
-# "1": every engine of these demos and benchmarks starts with disable_custom_all_reduce=True.
-# On the lent two-H200 hosts vLLM's default engine at TP=2 died in its first forward with an
-# illegal memory access (twice, also with VLLM_SKIP_P2P_CHECK=0), while our pinned engines,
-# which differ from it in turning vLLM's custom all-reduce off, ran; gpu_run.sh sets this at
-# TP > 1 so the default control runs there, on NCCL. Results record it.
-NO_CUSTOM_ALL_REDUCE = "DET_DEMO_NO_CUSTOM_ALL_REDUCE"
+# "1": every engine of these demos and benchmarks (and the serve matrix's servers) talks
+# over NCCL alone at TP > 1: vLLM's custom all-reduce off, and FlashInfer's all-reduce +
+# RMSNorm fusion pass off (on by default at TP > 1 on Hopper with FlashInfer, vLLM
+# config/vllm.py:131). Why: on the lent two-GPU hosts vLLM's default engine at TP=2 died in its
+# first compiled forward (profile run) with an illegal memory access, three times: two H200s
+# (with VLLM_SKIP_P2P_CHECK=0 too) and two H100s with the custom all-reduce already off
+# (2026-11-26). Our pinned engines ran on the same hosts; of what they turn off, that pass and
+# the NCCL pins are what was left, and the pass is the one that maps peer memory. The default
+# is then "vLLM default, NCCL only"; results record the setting. gpu_run.sh sets it at TP > 1.
+NCCL_ONLY = "DET_DEMO_NCCL_ONLY"
+NCCL_ONLY_ENGINE_KWARGS = {
+    "disable_custom_all_reduce": True,
+    "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}},
+}
+
+
+def nccl_only() -> bool:
+    return os.environ.get(NCCL_ONLY) == "1"
+
+
+def nccl_only_serve_args() -> list[str]:
+    """NCCL_ONLY_ENGINE_KWARGS as `vllm serve` flags."""
+    return [
+        "--disable-custom-all-reduce",
+        "--compilation-config",
+        json.dumps(NCCL_ONLY_ENGINE_KWARGS["compilation_config"]),
+    ]
 
 
 def reinit_weights(model) -> None:
@@ -182,8 +219,8 @@ def engine_worker(args: argparse.Namespace) -> None:
         kwargs.update(disable_log_stats=False)
     if BACKENDS[args.engine_worker]["attention_backend"]:
         kwargs["attention_backend"] = BACKENDS[args.engine_worker]["attention_backend"]
-    if os.environ.get(NO_CUSTOM_ALL_REDUCE) == "1":
-        kwargs["disable_custom_all_reduce"] = True
+    if nccl_only():
+        kwargs.update(NCCL_ONLY_ENGINE_KWARGS)
     llm = LLM(**kwargs)
     # By module name: run as `python -m det_backend.demo`, this file's reinit_weights is
     # __main__.reinit_weights, which vLLM's spawned TP workers (another __main__) cannot
@@ -311,12 +348,17 @@ def run_backends(
     verbose: bool = False,
     num_gpu_blocks: int | None = None,
     tensor_parallel_size: int = 1,
+    keep_going: bool = False,
+    on_backend_done: Callable[[dict], None] | None = None,
 ) -> dict:
     """Each backend in its own process (one engine per process), same prompts and weights.
     Only `alone_backends` (default: all) also run prompts alone. num_gpu_blocks: KV blocks
     of the engines (vLLM's num_gpu_blocks_override), few enough that batches preempt.
     tensor_parallel_size: GPUs per engine (each rank draws its own shard's weights, so the
-    model differs from the one-GPU model; compare backends at one size only)."""
+    model differs from the one-GPU model; compare backends at one size only).
+    keep_going: an engine that fails or times out is named in result["failed"] (backend:
+    error) and the next one runs, instead of raising. on_backend_done(result) after each
+    backend, failed or not, so a caller can save what is known if the run is cut short."""
     result = {"config": config, "workloads": {}}
     alone = backends if alone_backends is None else alone_backends
     with tempfile.TemporaryDirectory() as tmp:
@@ -353,7 +395,16 @@ def run_backends(
                 f"== {backend}: starting an engine (compile and CUDA graphs take a minute)",
                 flush=True,
             )
-            run_engine_process(cmd, env, f"the {backend} engine")
+            try:
+                run_engine_process(cmd, env, f"the {backend} engine")
+            except RuntimeError as e:
+                if not keep_going:
+                    raise
+                print(f"== {backend}: {e}; going on with the next engine", flush=True)
+                result.setdefault("failed", {})[backend] = str(e)
+                if on_backend_done:
+                    on_backend_done(result)
+                continue
             for name, run in json.loads(out.read_text()).items():
                 entry = result["workloads"].setdefault(
                     name,
@@ -367,6 +418,8 @@ def run_backends(
                     },
                 )
                 entry["runs"].append(summarize(run))
+            if on_backend_done:
+                on_backend_done(result)
     return result
 
 
@@ -406,7 +459,8 @@ def print_table(result: dict) -> None:
             f"{r['identical_batch_repeat']:>9}/{r['prompts_batch']:<6}"
             f"{div:>13}{r['tok_s']:>10.0f}"
         )
-    print(f"GPU: {result['runs'][0]['gpu']}, vLLM {result['runs'][0]['vllm']}")
+    if result["runs"]:
+        print(f"GPU: {result['runs'][0]['gpu']}, vLLM {result['runs'][0]['vllm']}")
 
 
 def kernel_demo() -> list[dict]:
@@ -468,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown backends {sorted(unknown)} (choose from {sorted(BACKENDS)})")
     if args.engine_worker:
-        engine_worker(args)
+        run_engine_worker(engine_worker, args)
         return 0
 
     import torch

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import drift
+from . import demo, drift
 from .demo import reinit_weights, write_model_dir
 
 MODELS = ("llama-3-8b", "qwen3-8b")
@@ -207,6 +207,8 @@ def run_variant(
     ]
     if tensor_parallel_size > 1:
         base += ["--tensor-parallel-size", str(tensor_parallel_size)]
+        if demo.nccl_only():
+            base += demo.nccl_only_serve_args()
 
     def serve(extra: list[str]):
         return drift.serve_vllm(checkpoint, 0, base + extra, SERVE_TIMEOUT_S)
@@ -304,6 +306,8 @@ def run_matrix(
         "sampling": sampling,
         "num_prompts": num_prompts,
         "tensor_parallel_size": tensor_parallel_size,
+        # At TP > 1: every server talked over NCCL alone (demo.NCCL_ONLY says why).
+        "nccl_only": tensor_parallel_size > 1 and demo.nccl_only(),
     }
 
     def save() -> None:

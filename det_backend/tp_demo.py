@@ -55,7 +55,8 @@ def compare_tp(
     """det_backend in `runs` fresh engine processes, vLLM's default once (the control that
     shows the test can fail), last: on two H200s vLLM's default engine hung at TP=2, and a
     call cut short should still have our runs. `identical_across_runs[backend]`, for a
-    backend run more than once: prompts whose batched output is bit-identical in every run."""
+    backend run more than once: prompts whose batched output is bit-identical in every run.
+    An engine that fails is named in result["failed"] (backend#run: error); the rest run."""
     num_alone = num_prompts if num_alone is None else num_alone
     w = demo.workload("main", num_prompts, max_tokens, num_alone, demo.vocab_size(config))
     result = {
@@ -64,8 +65,8 @@ def compare_tp(
         "num_prompts": num_prompts,
         "max_tokens": max_tokens,
         "prompt_lengths": w["prompt_lengths"],
-        # On: every engine ran on NCCL without vLLM's custom all-reduce (demo.NO_CUSTOM_ALL_REDUCE).
-        "disable_custom_all_reduce": os.environ.get(demo.NO_CUSTOM_ALL_REDUCE) == "1",
+        # On: every engine talked over NCCL alone (demo.NCCL_ONLY says why).
+        "nccl_only": demo.nccl_only(),
         "runs": [],
         "identical_across_runs": {},
     }
@@ -78,7 +79,13 @@ def compare_tp(
             batches = []
             for i in range(runs if backend == "det" else 1):
                 out = Path(tmp, f"{backend}-{i}.json")
-                run = _run_engine(backend, tensor_parallel_size, model_dir, plan, out, verbose)
+                try:
+                    run = _run_engine(backend, tensor_parallel_size, model_dir, plan, out, verbose)
+                except RuntimeError as e:
+                    # Kept, not raised: the runs before it (ours come first) still count.
+                    print(f"== {backend}: {e}", flush=True)
+                    result.setdefault("failed", {})[f"{backend}#{i}"] = str(e)
+                    break
                 result["runs"].append({**demo.summarize(run), "backend": f"{backend}#{i}"})
                 batches.append(run["batch"])
             if len(batches) > 1:
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(flag, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.engine_worker:
-        engine_worker(args)
+        demo.run_engine_worker(engine_worker, args)
         return 0
 
     import torch
@@ -133,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{backend}: {same}/{result['num_prompts']} prompts identical in every run")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    for run, error in result.get("failed", {}).items():
+        print(f"{run} failed: {error}")
+    return 1 if result.get("failed") else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ what comes back in the summary. The engines themselves run in tests/test_e2e.py 
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,3 +80,73 @@ def test_engine_process_timeout_kills_its_workers(monkeypatch, tmp_path):
     time.sleep(0.5)
     status = Path(f"/proc/{int(pid_file.read_text())}/status")
     assert not status.exists() or "State:\tZ" in status.read_text()  # gone, or a dead zombie
+
+
+def _fake_engine(fail: set[str]):
+    """run_engine_process stand-in: writes a run for each backend, raises for those in fail."""
+
+    def fake_run(cmd, env, what):
+        backend = cmd[cmd.index("--engine-worker") + 1]
+        if backend in fail:
+            raise RuntimeError(f"det_backend: {what} failed with exit code 1")
+        plan = json.loads(Path(cmd[cmd.index("--plan") + 1]).read_text())
+        w = plan["workloads"][0]
+        out = [{"tokens": [1, 2], "logprobs": [-0.5, -0.25]}] * len(w["prompts"])
+        run = {"backend": backend, "tok_s": 1.0, "batch_seconds": 1.0, "batch": out}
+        run.update(batch2=out, alone=out[: w["num_alone"]], gpu="G", vllm="0.26.0")
+        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({w["name"]: run}))
+
+    return fake_run
+
+
+def test_run_backends_keep_going_records_a_failed_engine_and_reports_each(monkeypatch):
+    """keep_going: the default engine failing (as vLLM's did at TP=2 on the lent hosts) leaves
+    det's run in the result, names the failure, and on_backend_done saw every step; without
+    keep_going the failure raises."""
+    monkeypatch.setattr(demo, "run_engine_process", _fake_engine({"default"}))
+    w = demo.workload("main", 4, 8, 2, 1000)
+    seen = []
+    result = demo.run_backends(
+        "small",
+        [w],
+        ("det", "default"),
+        keep_going=True,
+        on_backend_done=lambda r: seen.append((len(r["workloads"]), dict(r.get("failed", {})))),
+    )
+    assert [r["backend"] for r in result["workloads"]["main"]["runs"]] == ["det"]
+    assert "the default engine failed" in result["failed"]["default"]
+    assert seen == [(1, {}), (1, result["failed"])]
+    with pytest.raises(RuntimeError, match="the default engine failed"):
+        demo.run_backends("small", [w], ("det", "default"))
+
+
+def test_engine_worker_error_exits_even_with_a_thread_holding_the_process(tmp_path):
+    """run_engine_worker: an error in the engine body prints its traceback and exits 1 at once,
+    even where a plain raise would wait at exit (here: a non-daemon thread, as vLLM's dead
+    workers left the engine process hanging on two H100s)."""
+    body = (
+        "import threading, time, argparse\n"
+        "from det_backend import demo\n"
+        "threading.Thread(target=time.sleep, args=(120,)).start()\n"
+        "def worker(args):\n"
+        "    raise RuntimeError('engine core failed to start')\n"
+        "demo.run_engine_worker(worker, argparse.Namespace())\n"
+    )
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and time.monotonic() - start < 30
+    assert "engine core failed to start" in proc.stderr
+
+
+def test_nccl_only_engine_kwargs_are_vllm_engine_args():
+    """DET_DEMO_NCCL_ONLY's kwargs build vLLM EngineArgs with the custom all-reduce and the
+    FlashInfer all-reduce fusion pass off; the serve flags carry the same config."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model="unused-model-dir", **demo.NCCL_ONLY_ENGINE_KWARGS)
+    assert args.disable_custom_all_reduce is True
+    assert args.compilation_config.pass_config.fuse_allreduce_rms is False
+    flags = demo.nccl_only_serve_args()
+    assert "--disable-custom-all-reduce" in flags
+    config = json.loads(flags[flags.index("--compilation-config") + 1])
+    assert config == demo.NCCL_ONLY_ENGINE_KWARGS["compilation_config"]

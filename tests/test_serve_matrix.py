@@ -188,6 +188,34 @@ def test_matrix_tensor_parallel_serves_every_server_at_that_size(served_args):
             assert [args[i : i + 2] for i in at] == ([flag] if flag else [])
 
 
+def test_matrix_nccl_only_at_tp_above_1(served_args, monkeypatch):
+    """DET_DEMO_NCCL_ONLY=1 (gpu_run.sh at TP > 1): every server at TP=2 gets vLLM's flags for
+    the custom all-reduce and the FlashInfer all-reduce fusion off; TP=1 servers nothing."""
+    import json
+
+    from det_backend import demo
+
+    started = served_args
+    prompts = matrix.make_prompts(vocab=32000, num=16)
+    monkeypatch.setenv(demo.NCCL_ONLY, "1")
+    for tp in (2, 1):
+        started.clear()
+        matrix.run_variant(
+            "ckpt", "default", prompts, ("batch_256",), {}.__setitem__, tensor_parallel_size=tp
+        )
+        for args in started:
+            assert ("--disable-custom-all-reduce" in args) == (tp == 2)
+            if tp == 2:
+                config = json.loads(args[args.index("--compilation-config") + 1])
+                assert config == {"pass_config": {"fuse_allreduce_rms": False}}
+    monkeypatch.setenv(demo.NCCL_ONLY, "0")
+    started.clear()
+    matrix.run_variant(
+        "ckpt", "default", prompts, ("batch_256",), {}.__setitem__, tensor_parallel_size=2
+    )
+    assert started and not any("--disable-custom-all-reduce" in args for args in started)
+
+
 # One GPU call may not fit every server start: DET_MATRIX_CELLS / DET_MATRIX_DEFAULT_CELLS
 # pick cells (comma lists; the rest skip) and DET_MATRIX_MODELS the shapes;
 # DET_MATRIX_REF_DIR keeps each variant's reference pass for the next call on the same host;

@@ -310,6 +310,7 @@ def test_tp2_alone_equals_batch_and_runs_repeat():
             "DET_RESULTS_DIR=DIR python -m pytest -m multigpu tests/test_tensor_parallel.py"
         )
         Path(os.environ["DET_RESULTS_DIR"], "tp_demo.json").write_text(json.dumps(result, indent=2))
+    assert not result.get("failed"), result.get("failed")
     det = [r for r in result["runs"] if r["backend"].startswith("det#")]
     (default,) = [r for r in result["runs"] if r["backend"].startswith("default#")]
     assert len(det) == 2
