@@ -67,6 +67,18 @@ if [[ -d "$REPO/.triton_cache_sm90" ]]; then
   find "$TRITON_CACHE_DIR" -type f -exec touch -a -d 2000-01-01 {} +
   touch "$TC_MARK"
 fi
+# TRITON_EXPORT=1: after each mode, what this call compiled (kernels and launchers, into the
+# carried cache's copy or Triton's default cache) goes to $OUT/triton_new.tgz; merge it here with
+# `python benchmarks/prebuild_cache.py --merge triton_new.tgz`, so the next session carries it.
+# Opt-in: it is one more file under $OUT, and a call brings back 8 at most.
+TX_MARK=/tmp/.triton_export_mark$TC_SUFFIX
+touch "$TX_MARK"
+triton_export() {
+  [[ "${TRITON_EXPORT:-0}" == 1 ]] || return 0
+  local dir="${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
+  [[ -d "$dir" ]] && python3 "$REPO/benchmarks/prebuild_cache.py" --export "$dir" "$TX_MARK" \
+    "$OUT/triton_new.tgz" 2>&1 | tee -a "$OUT/triton_cache.txt"
+}
 cache_report() {
   [[ -f "$TC_MARK" ]] || return 0
   local mark="$TC_MARK" new hits launchers
@@ -103,7 +115,7 @@ fi_report() {
     | tee -a "$OUT/flashinfer_aot.txt"
   touch "$FI_MARK"
 }
-after_mode() { cache_report "$1"; fi_report "$1"; }
+after_mode() { cache_report "$1"; fi_report "$1"; triton_export; }
 what=" ${*:-all} "
 rc=0
 if [[ $what == *" tp "* || "${AB_TP:-1}" != 1 || "${DET_MATRIX_TP:-1}" != 1 ]]; then

@@ -6,6 +6,7 @@ GPU call: ~80 s per point of `gemm.py --sweep`).
     python benchmarks/prebuild_cache.py --what gemm --layers llama-3-8b:o,llama-3-8b:down
     python benchmarks/prebuild_cache.py --what gemm-sweep,attention-tests  # both, one folder
     python benchmarks/prebuild_cache.py --relocate DIR               # on the host (gpu_run.sh)
+    python benchmarks/prebuild_cache.py --merge triton_new.tgz       # what a GPU call compiled
 
 How: the real launchers run on CPU tensors while (1) Triton's active driver reports the target
 cuda:90 and (2) every `kernel[grid](...)` is a warm-up (compile, no launch). So each kernel is
@@ -32,6 +33,11 @@ Triton's cache records each entry's files by absolute path (`__grp__*.json`), so
 cache must be relocated before use: `--relocate DIR` rewrites those paths to DIR (gpu_run.sh
 does it). Launchers (`__triton_launcher.so`, one per signature) and `cuda_utils.so` are
 C extensions built for the host's Python and are still built there (about a second each).
+
+What the prebuild cannot reach (the kernels a real engine launches: ours at the model's shapes,
+vLLM's own sampler and cache kernels, the launchers) the host can send back: with
+TRITON_EXPORT=1, gpu_run.sh packs after each mode what the call compiled into
+$OUT/triton_new.tgz (`--export`), and `--merge` adds it here for the next session to carry.
 """
 
 from __future__ import annotations
@@ -377,6 +383,70 @@ def relocate(cache: Path) -> None:
     )
 
 
+EXPORT_LIMIT_BYTES = 15 * 2**20  # a file back from the device host: at most 16 MiB
+
+
+def export_new(cache: Path, since: Path, out: Path) -> None:
+    """On the host: pack into `out` (.tgz) the cache entries written after the file `since`
+    was touched (kernels and launchers this call compiled), each stripped to what a hit reads,
+    so that `--merge` adds them to the carried cache and the next session loads them. Nothing
+    is written when nothing is new or the pack is over EXPORT_LIMIT_BYTES (said so)."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    mark = since.stat().st_mtime
+    new = [
+        d
+        for d in cache.iterdir()
+        if d.is_dir() and any(f.stat().st_mtime > mark for f in d.iterdir() if f.is_file())
+    ]
+    if not new:
+        print(f"triton export: nothing new in {cache}")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in new:
+            shutil.copytree(d, Path(tmp, d.name))
+        strip_to_binaries(Path(tmp))
+        part = out.with_suffix(".part")
+        with tarfile.open(part, "w:gz") as tar:
+            for d in sorted(Path(tmp).iterdir()):
+                tar.add(d, arcname=d.name)
+    size = part.stat().st_size
+    if size > EXPORT_LIMIT_BYTES:
+        part.unlink()
+        print(f"triton export: {len(new)} new entries, {size / 2**20:.1f} MiB: over the limit")
+        return
+    part.rename(out)
+    print(f"triton export: {len(new)} new entries, {size / 2**20:.1f} MiB -> {out}")
+
+
+def merge(pack: Path, into: Path) -> None:
+    """Here: add an --export pack's entries to the carried cache `into`; entries already
+    there are kept as they are. Only <entry>/<file> members are read."""
+    import tarfile
+
+    into.mkdir(parents=True, exist_ok=True)
+    added, kept = set(), set()
+    with tarfile.open(pack, "r:gz") as tar:
+        for member in tar.getmembers():
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 2 or ".." in parts:
+                continue
+            entry = parts[0]
+            if entry in kept or (entry not in added and (into / entry).exists()):
+                kept.add(entry)
+                continue
+            added.add(entry)
+            (into / entry).mkdir(exist_ok=True)
+            (into / entry / parts[1]).write_bytes(tar.extractfile(member).read())
+    entries, size = cache_stats(into)
+    print(
+        f"merged {pack}: {len(added)} entries added, {len(kept)} already there; "
+        f"{into}: {entries} kernels, {size / 2**20:.1f} MiB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -401,9 +471,25 @@ def main() -> None:
         help="sha256 of the host's libtriton.so ('auto': the cp312 wheel's; 'local': this one's)",
     )
     parser.add_argument("--relocate", type=Path, help="on the host: fix a carried cache's paths")
+    parser.add_argument(
+        "--export",
+        nargs=3,
+        type=Path,
+        metavar=("CACHE", "MARK", "TGZ"),
+        help="on the host: pack CACHE's entries newer than the file MARK into TGZ",
+    )
+    parser.add_argument(
+        "--merge", type=Path, metavar="TGZ", help="here: add an --export pack to --out's cache"
+    )
     args = parser.parse_args()
     if args.relocate:
         relocate(args.relocate)
+        return
+    if args.export:
+        export_new(*args.export)
+        return
+    if args.merge:
+        merge(args.merge, args.out)
         return
     import triton
 

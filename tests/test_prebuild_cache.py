@@ -115,3 +115,66 @@ def test_what_is_repeatable_and_comma_joined():
     assert prebuild.parse_what(["gemm,attention-tests", "gemm"]) == ["gemm", "attention-tests"]
     with pytest.raises(ValueError, match="attention"):
         prebuild.parse_what(["attention"])
+
+
+def test_export_packs_only_new_entries_stripped_and_merge_adds_missing_ones(tmp_path):
+    """--export (host): entries written after the mark, IRs dropped, one .tgz; --merge (here):
+    adds the entries the carried cache lacks and keeps those it has; a path-escaping member
+    is ignored."""
+    import io
+    import tarfile
+    import time
+
+    import prebuild_cache
+
+    cache = tmp_path / "cache"
+
+    def entry(name: str, body: bytes) -> None:
+        d = cache / name
+        d.mkdir(parents=True)
+        files = {"k.json": b"{}", "k.cubin": body, "k.ptx": b"ir"}
+        for f, data in files.items():
+            (d / f).write_bytes(data)
+        grp = {"child_paths": {f: str(d / f) for f in files}}
+        (d / "__grp__k.json").write_text(json.dumps(grp))
+
+    entry("OLD", b"old")
+    old_time = time.time() - 100
+    for f in (cache / "OLD").iterdir():
+        os.utime(f, (old_time, old_time))
+    mark = tmp_path / "mark"
+    mark.touch()
+    os.utime(mark, (old_time + 10, old_time + 10))
+    entry("NEW1", b"n1")
+    entry("NEW2", b"n2")
+    (cache / "launcher").mkdir()
+    (cache / "launcher" / "__triton_launcher.so").write_bytes(b"so")
+    pack = tmp_path / "triton_new.tgz"
+    prebuild_cache.export_new(cache, mark, pack)
+    with tarfile.open(pack) as tar:
+        names = sorted(tar.getnames())
+    assert {n.split("/")[0] for n in names} == {"NEW1", "NEW2", "launcher"}
+    assert not any(n.endswith(".ptx") for n in names)  # stripped to what a hit reads
+
+    carried = tmp_path / "carried"
+    (carried / "NEW1").mkdir(parents=True)
+    (carried / "NEW1" / "k.cubin").write_bytes(b"mine")
+    with tarfile.open(pack, "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    evil = tmp_path / "evil.tgz"
+    with tarfile.open(evil, "w:gz") as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data))
+        bad = tarfile.TarInfo("../escaped")
+        bad.size = 1
+        tar.addfile(bad, io.BytesIO(b"x"))
+    prebuild_cache.merge(evil, carried)
+    assert (carried / "NEW1" / "k.cubin").read_bytes() == b"mine"  # kept as it was
+    assert (carried / "NEW2" / "k.cubin").read_bytes() == b"n2"
+    assert (carried / "launcher" / "__triton_launcher.so").read_bytes() == b"so"
+    assert not (tmp_path / "escaped").exists()
+
+    mark.touch()  # nothing newer than the mark now: no pack written
+    pack.unlink()
+    prebuild_cache.export_new(cache, mark, pack)
+    assert not pack.exists()
