@@ -40,7 +40,7 @@ import math
 import sys
 from pathlib import Path
 
-from harness import bench, copy_bandwidth, geomean, graphed, main, pyplot, run_info
+from harness import bench, copy_bandwidth, geomean, graphed, main, pyplot, run_info, write_json
 
 # The model feature sets are the GPU tests' own (tests/attention_inputs.py).
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
@@ -254,14 +254,24 @@ def measure(kind: str, specs: list[tuple[int, int]], label: dict, bandwidth: flo
     return p
 
 
-def run() -> dict:
+def run(out: Path | None = None) -> dict:
+    """out: rewritten after every point as {"partial": true, ...}, so a GPU call cut at its
+    time limit keeps what it measured; the full result replaces it at the end."""
     bandwidth = copy_bandwidth()
-    points = []
+    points, feature_points = [], []
+    info = run_info()
+
+    def save_partial() -> None:
+        if out is not None:
+            partial = {"partial": True, **info, "points": points}
+            write_json(out, {**partial, "feature_points": feature_points})
+
     for ctx in DECODE_CONTEXT:
         for batch in DECODE_BATCH:
             points.append(
                 measure("decode", [(1, ctx)] * batch, {"batch": batch, "context": ctx}, bandwidth)
             )
+            save_partial()
     for tokens in PREFILL_TOKENS:
         prompts = [(2048, 2048)] * (tokens // 2048) or [(tokens, tokens)]
         points.append(measure("prefill", prompts, {"tokens": tokens, "decodes": 0}, bandwidth))
@@ -270,10 +280,11 @@ def run() -> dict:
                 "mixed", [(1, 2048)] * 64 + prompts, {"tokens": tokens, "decodes": 64}, bandwidth
             )
         )
+        save_partial()
     decode = [p for p in points if p["kind"] == "decode"]
     prefill = [p for p in points if p["kind"] != "decode"]
     return {
-        **run_info(),
+        **info,
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "heads": [Q_HEADS, KV_HEADS, HEAD],
         "block_size": BLOCK,
@@ -293,7 +304,7 @@ def run() -> dict:
         ),
         **_flashinfer_summary(decode, prefill),
         "points": points,
-        **run_features(),
+        **run_features(feature_points, save_partial),
     }
 
 
@@ -504,8 +515,14 @@ def features_summary(points: list[dict]) -> dict:
     return out
 
 
-def run_features() -> dict:
-    points = [measure_feature(n, kind) for n in FEATURE_SETS for kind in FEATURE_BATCHES]
+def run_features(points: list | None = None, progress=None) -> dict:
+    """Every feature set x batch; each point is appended to `points` and progress() called."""
+    points = [] if points is None else points
+    for name in FEATURE_SETS:
+        for kind in FEATURE_BATCHES:
+            points.append(measure_feature(name, kind))
+            if progress:
+                progress()
     return {"features": features_summary(points), "feature_points": points}
 
 
@@ -615,4 +632,4 @@ def _features_line(features: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(__doc__, "attention.json", lambda a: run(), plot, _summary)
+    main(__doc__, "attention.json", lambda a: run(Path(a.out)), plot, _summary)

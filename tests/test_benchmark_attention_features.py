@@ -207,3 +207,36 @@ def test_measure_feature_records_errors_and_keeps_going(monkeypatch):
     p = attention.measure_feature("mistral", "prefill")
     assert p["errors"] == {"inputs": "RuntimeError: no CUDA"}
     assert p["ours_ms"] is None and p["speedup_vs_fa3"] is None
+
+
+def test_run_writes_what_it_measured_after_every_point(monkeypatch, tmp_path):
+    """A GPU call cut at its limit keeps the points so far: run(out) rewrites out after each
+    point (partial), decode, prefill and feature points alike."""
+    import json
+
+    out = tmp_path / "attention.json"
+    seen = []
+
+    def fake_measure(kind, specs, fields, bandwidth):
+        if out.exists():
+            seen.append(len(json.loads(out.read_text())["points"]))
+        if len(seen) == 5:
+            raise KeyboardInterrupt  # the call's time limit
+        return {"kind": kind, **fields}
+
+    monkeypatch.setattr(attention, "copy_bandwidth", lambda: 1e12)
+    monkeypatch.setattr(attention, "run_info", lambda: {"gpu": "G"})
+    monkeypatch.setattr(attention, "measure", fake_measure)
+    with pytest.raises(KeyboardInterrupt):
+        attention.run(out)
+    data = json.loads(out.read_text())
+    assert data["partial"] is True and data["gpu"] == "G"
+    assert seen == [1, 2, 3, 4, 5] and len(data["points"]) == 5
+    assert all(p["kind"] == "decode" for p in data["points"])
+
+    features = []
+    monkeypatch.setattr(attention, "measure_feature", lambda n, k: {"name": n, "kind": k})
+    monkeypatch.setattr(attention, "features_summary", lambda points: {"n": len(points)})
+    result = attention.run_features(features, lambda: seen.append(len(features)))
+    n = len(attention.FEATURE_SETS) * len(attention.FEATURE_BATCHES)
+    assert result["features"] == {"n": n} and seen[-n:] == list(range(1, n + 1))
