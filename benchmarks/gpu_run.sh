@@ -126,10 +126,17 @@ if [[ $what == *" tp "* || "${AB_TP:-1}" != 1 || "${DET_MATRIX_TP:-1}" != 1 ]]; 
   # check on, vLLM tests P2P and turns its custom all-reduce off where P2P does not work.
   export VLLM_SKIP_P2P_CHECK=0
   # It died so again with the check on, and on two H100s with the custom all-reduce off
-  # (2026-11-26). The engines of the demos, benchmarks and serve matrix then talk over NCCL
-  # alone (det_backend/demo.py NCCL_ONLY says what and why; recorded in their JSON); 0 lets
-  # vLLM's default use its custom all-reduce and FlashInfer fusion again.
-  export DET_DEMO_NCCL_ONLY="${DET_DEMO_NCCL_ONLY:-1}"
+  # (2026-11-26). The likely cause is also a rule of these hosts: vLLM turns on FlashInfer's
+  # all-reduce + RMSNorm fusion at TP > 1 on Hopper, whose default workspace ("mnnvl",
+  # vllm/distributed/device_communicators/flashinfer_all_reduce.py) creates an NVLink
+  # multicast object (flashinfer/comm/mnnvl.py: cuMulticastCreate), and the device library's
+  # KINDS.md says: multicast stays off here, don't call cuMulticastCreate (it can take the
+  # shared GPUs out of service). So, not to be overridden here:
+  # - every engine of the demos, benchmarks and serve matrix talks over NCCL alone: custom
+  #   all-reduce and that fusion pass off (det_backend/demo.py NCCL_ONLY; in their JSON);
+  # - should anything still build a FlashInfer all-reduce workspace, it is the IPC one.
+  export DET_DEMO_NCCL_ONLY=1
+  export VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
   # An engine that hangs is killed after this long, so the call goes on to the next one.
   export DET_ENGINE_TIMEOUT_S="${DET_ENGINE_TIMEOUT_S:-420}"
 fi

@@ -135,9 +135,11 @@ def make_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed: int)
 # (2026-11-26). Our pinned engines ran on the same hosts; of what they turn off, that pass and
 # the NCCL pins are what was left. The pass's workspace is FlashInfer's "mnnvl" by default
 # (device_communicators/flashinfer_all_reduce.py:_resolve_fi_ar_backend), which needs NVLink
-# multicast, off on these hosts (the device library's KINDS.md), else its "trtllm" fallback
-# over CUDA-IPC peer buffers: the likely cause, not yet confirmed. The default is then
-# "vLLM default, NCCL only"; results record the setting. gpu_run.sh sets it at TP > 1.
+# multicast (flashinfer/comm/mnnvl.py calls cuMulticastCreate), which these hosts keep off and
+# forbid (the device library's KINDS.md: it can take the shared GPUs out of service); else its
+# "trtllm" fallback over CUDA-IPC peer buffers. The likely cause, not yet confirmed, and reason
+# enough not to run that pass there. The default is then "vLLM default, NCCL only"; results
+# record the setting. gpu_run.sh sets it at TP > 1, always.
 NCCL_ONLY = "DET_DEMO_NCCL_ONLY"
 NCCL_ONLY_ENGINE_KWARGS = {
     "disable_custom_all_reduce": True,
