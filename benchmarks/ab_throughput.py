@@ -107,9 +107,12 @@ def main() -> None:
         raise SystemExit(f"--workloads: unknown {unknown or names}; choose from {list(every)}")
     workloads = [every[n]() for n in names]
     dets = tuple(b for b in backends if b.startswith("det"))
-    # At TP > 1 the default engine runs last: on two H200s it hung at TP=2 (gpu_run.sh sets
-    # VLLM_SKIP_P2P_CHECK=0 since), and a call cut short should still have our engines.
-    order = backends if args.tensor_parallel_size == 1 else (*backends[1:], backends[0])
+    # At TP > 1 our first engine runs first, then the default, then the rest: on the lent
+    # two-GPU hosts vLLM's default died at TP=2 (README, "Tensor parallelism"), and a call cut
+    # short should still have ours and, if it ran, the ratio to the default.
+    order = backends
+    if args.tensor_parallel_size > 1 and dets:
+        order = (dets[0], "default", *(b for b in backends[1:] if b != dets[0]))
     header = {
         "config": args.config,
         "command": " ".join(["python", *sys.argv]),

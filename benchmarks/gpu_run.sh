@@ -135,6 +135,8 @@ if [[ $what == *" tp "* || "${AB_TP:-1}" != 1 || "${DET_MATRIX_TP:-1}" != 1 ]]; 
   # - every engine of the demos, benchmarks and serve matrix talks over NCCL alone: custom
   #   all-reduce and that fusion pass off (det_backend/demo.py NCCL_ONLY; in their JSON);
   # - should anything still build a FlashInfer all-reduce workspace, it is the IPC one.
+  # DET_DEMO_KEEP_CUSTOM_ALL_REDUCE=1 keeps vLLM's custom all-reduce (CUDA IPC over NVLink, no
+  # multicast) for the default and det_two_rank engines; the pass stays off.
   export DET_DEMO_NCCL_ONLY=1
   export VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
   # An engine that hangs is killed after this long, so the call goes on to the next one.

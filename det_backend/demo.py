@@ -140,24 +140,38 @@ def make_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed: int)
 # "trtllm" fallback over CUDA-IPC peer buffers. The likely cause, not yet confirmed, and reason
 # enough not to run that pass there. The default is then "vLLM default, NCCL only"; results
 # record the setting. gpu_run.sh sets it at TP > 1, always.
+# KEEP_CUSTOM_AR=1 with it keeps vLLM's custom all-reduce (CUDA IPC over NVLink, no multicast),
+# to measure vLLM's default as it is and det_two_rank's one-shot path on such a host; the
+# fusion pass stays off. No evidence points at the custom all-reduce: the default died with
+# and without it, the pass on each time.
 NCCL_ONLY = "DET_DEMO_NCCL_ONLY"
-NCCL_ONLY_ENGINE_KWARGS = {
-    "disable_custom_all_reduce": True,
-    "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}},
-}
+KEEP_CUSTOM_AR = "DET_DEMO_KEEP_CUSTOM_ALL_REDUCE"
+_NO_FUSED_ALLREDUCE = {"pass_config": {"fuse_allreduce_rms": False}}
 
 
 def nccl_only() -> bool:
     return os.environ.get(NCCL_ONLY) == "1"
 
 
+def custom_all_reduce_kept() -> bool:
+    return os.environ.get(KEEP_CUSTOM_AR) == "1"
+
+
+def nccl_only_engine_kwargs() -> dict:
+    """What NCCL_ONLY adds to an engine's LLM(...) arguments."""
+    kwargs: dict = {"compilation_config": json.loads(json.dumps(_NO_FUSED_ALLREDUCE))}
+    if not custom_all_reduce_kept():
+        kwargs["disable_custom_all_reduce"] = True
+    return kwargs
+
+
 def nccl_only_serve_args() -> list[str]:
-    """NCCL_ONLY_ENGINE_KWARGS as `vllm serve` flags."""
-    return [
-        "--disable-custom-all-reduce",
-        "--compilation-config",
-        json.dumps(NCCL_ONLY_ENGINE_KWARGS["compilation_config"]),
-    ]
+    """nccl_only_engine_kwargs() as `vllm serve` flags."""
+    kwargs = nccl_only_engine_kwargs()
+    flags = ["--compilation-config", json.dumps(kwargs["compilation_config"])]
+    return (
+        ["--disable-custom-all-reduce"] if "disable_custom_all_reduce" in kwargs else []
+    ) + flags
 
 
 def reinit_weights(model) -> None:
@@ -225,7 +239,7 @@ def engine_worker(args: argparse.Namespace) -> None:
     if BACKENDS[args.engine_worker]["attention_backend"]:
         kwargs["attention_backend"] = BACKENDS[args.engine_worker]["attention_backend"]
     if nccl_only():
-        kwargs.update(NCCL_ONLY_ENGINE_KWARGS)
+        kwargs.update(nccl_only_engine_kwargs())
     llm = LLM(**kwargs)
     # By module name: run as `python -m det_backend.demo`, this file's reinit_weights is
     # __main__.reinit_weights, which vLLM's spawned TP workers (another __main__) cannot

@@ -308,6 +308,7 @@ def run_matrix(
         "tensor_parallel_size": tensor_parallel_size,
         # At TP > 1: every server talked over NCCL alone (demo.NCCL_ONLY says why).
         "nccl_only": tensor_parallel_size > 1 and demo.nccl_only(),
+        "custom_all_reduce_kept": demo.custom_all_reduce_kept(),
     }
 
     def save() -> None:

@@ -67,6 +67,7 @@ def compare_tp(
         "prompt_lengths": w["prompt_lengths"],
         # On: every engine talked over NCCL alone (demo.NCCL_ONLY says why).
         "nccl_only": demo.nccl_only(),
+        "custom_all_reduce_kept": demo.custom_all_reduce_kept(),
         "runs": [],
         "identical_across_runs": {},
     }

@@ -138,15 +138,24 @@ def test_engine_worker_error_exits_even_with_a_thread_holding_the_process(tmp_pa
     assert "engine core failed to start" in proc.stderr
 
 
-def test_nccl_only_engine_kwargs_are_vllm_engine_args():
+def test_nccl_only_engine_kwargs_are_vllm_engine_args(monkeypatch):
     """DET_DEMO_NCCL_ONLY's kwargs build vLLM EngineArgs with the custom all-reduce and the
-    FlashInfer all-reduce fusion pass off; the serve flags carry the same config."""
+    FlashInfer all-reduce fusion pass off; DET_DEMO_KEEP_CUSTOM_ALL_REDUCE=1 keeps the custom
+    all-reduce, never the pass; the serve flags carry the same."""
     from vllm.engine.arg_utils import EngineArgs
 
-    args = EngineArgs(model="unused-model-dir", **demo.NCCL_ONLY_ENGINE_KWARGS)
+    monkeypatch.delenv(demo.KEEP_CUSTOM_AR, raising=False)
+    args = EngineArgs(model="unused-model-dir", **demo.nccl_only_engine_kwargs())
     assert args.disable_custom_all_reduce is True
     assert args.compilation_config.pass_config.fuse_allreduce_rms is False
     flags = demo.nccl_only_serve_args()
     assert "--disable-custom-all-reduce" in flags
     config = json.loads(flags[flags.index("--compilation-config") + 1])
-    assert config == demo.NCCL_ONLY_ENGINE_KWARGS["compilation_config"]
+    assert config == {"pass_config": {"fuse_allreduce_rms": False}}
+
+    monkeypatch.setenv(demo.KEEP_CUSTOM_AR, "1")
+    args = EngineArgs(model="unused-model-dir", **demo.nccl_only_engine_kwargs())
+    assert args.disable_custom_all_reduce is False
+    assert args.compilation_config.pass_config.fuse_allreduce_rms is False
+    flags = demo.nccl_only_serve_args()
+    assert "--disable-custom-all-reduce" not in flags and "--compilation-config" in flags

@@ -198,6 +198,7 @@ def test_matrix_nccl_only_at_tp_above_1(served_args, monkeypatch):
     started = served_args
     prompts = matrix.make_prompts(vocab=32000, num=16)
     monkeypatch.setenv(demo.NCCL_ONLY, "1")
+    monkeypatch.delenv(demo.KEEP_CUSTOM_AR, raising=False)
     for tp in (2, 1):
         started.clear()
         matrix.run_variant(
