@@ -129,11 +129,12 @@ def main() -> None:
     def save(result: dict, final: bool = False) -> dict:
         # After every engine: a call cut at its time limit, or an engine that fails (vLLM's
         # default at TP=2 on the lent hosts), still leaves the engines that ran in --out.
-        summary = summarize_ab(header, result, backends, dets, [w["name"] for w in workloads])
+        summary, lines = summarize_ab(
+            header, result, backends, dets, [w["name"] for w in workloads]
+        )
         Path(args.out).write_text(json.dumps(summary, indent=2))
         if final:
-            for line in summary["lines"]:
-                print(line, flush=True)
+            print("\n".join(lines), flush=True)
         return summary
 
     result = run_backends(
@@ -153,11 +154,12 @@ def main() -> None:
 
 def summarize_ab(
     header: dict, result: dict, backends: tuple[str, ...], dets: tuple[str, ...], names: list
-) -> dict:
+) -> tuple[dict, list[str]]:
     """The JSON of ab_throughput from run_backends' result so far: per workload each backend
     that ran (tok/s, and for det backends alone = batch and batch = batch), ratios to the
-    default where it ran; `failed` names the engines that did not. `lines`: the printout."""
-    summary = {**header, "workloads": {}, "lines": []}
+    default where it ran; `failed` names the engines that did not. Also one line per workload
+    to print."""
+    summary, lines = {**header, "workloads": {}}, []
     if result.get("failed"):
         summary["failed"] = result["failed"]
     for name, w in result["workloads"].items():
@@ -187,13 +189,13 @@ def summarize_ab(
         entry["runs"] = w["runs"]
         summary["workloads"][name] = entry
         summary["gpu"], summary["vllm"] = w["runs"][0]["gpu"], w["runs"][0]["vllm"]
-        summary["lines"].append(", ".join(line))
+        lines.append(", ".join(line))
     # The issue's headline fields: the first (prefill_mix) workload.
     head = summary["workloads"].get(names[0], {})
     for key in ("default_tok_s", "vllm_batch_invariant_tok_s", "det_tok_s", "identical_fraction"):
         if key in head:
             summary[key] = head[key]
-    return summary
+    return summary, lines
 
 
 if __name__ == "__main__":

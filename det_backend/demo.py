@@ -146,7 +146,6 @@ def make_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed: int)
 # and without it, the pass on each time.
 NCCL_ONLY = "DET_DEMO_NCCL_ONLY"
 KEEP_CUSTOM_AR = "DET_DEMO_KEEP_CUSTOM_ALL_REDUCE"
-_NO_FUSED_ALLREDUCE = {"pass_config": {"fuse_allreduce_rms": False}}
 
 
 def nccl_only() -> bool:
@@ -159,7 +158,7 @@ def custom_all_reduce_kept() -> bool:
 
 def nccl_only_engine_kwargs() -> dict:
     """What NCCL_ONLY adds to an engine's LLM(...) arguments."""
-    kwargs: dict = {"compilation_config": json.loads(json.dumps(_NO_FUSED_ALLREDUCE))}
+    kwargs: dict = {"compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}}
     if not custom_all_reduce_kept():
         kwargs["disable_custom_all_reduce"] = True
     return kwargs
