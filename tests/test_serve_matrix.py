@@ -231,6 +231,13 @@ DEFAULT_CELLS = _env_cells("DET_MATRIX_DEFAULT_CELLS")
 
 @pytest.fixture(scope="module")
 def matrix_result():
+    from det_backend import demo
+
+    if int(os.environ.get("DET_MATRIX_TP", "1")) > 1:
+        # The default servers at TP > 1 run NCCL-only unless told otherwise (demo.NCCL_ONLY:
+        # their FlashInfer all-reduce fusion would create a multicast object, which the lent
+        # hosts forbid). Set for this process and the servers it starts.
+        os.environ.setdefault(demo.NCCL_ONLY, "1")
     out = None
     if os.environ.get("DET_RESULTS_DIR"):
         out = str(Path(os.environ["DET_RESULTS_DIR"], "invariance_matrix.json"))

@@ -295,13 +295,19 @@ def test_default_mode_refuses_custom_all_reduce_and_a_bad_mode_is_named(clean_en
 @pytest.mark.multigpu
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_tp2_alone_equals_batch_and_runs_repeat():
+def test_tp2_alone_equals_batch_and_runs_repeat(monkeypatch):
     """Two engines at tensor_parallel_size=2: each prompt alone = in a batch of 32, the batch
     twice, and the second engine process = the first, bit for bit; vLLM's default differs.
     This is `python -m det_backend.tp_demo` (small config, defaults); DET_RESULTS_DIR keeps its
-    result as tp_demo.json."""
+    result as tp_demo.json. The default control runs NCCL-only unless told otherwise
+    (DET_DEMO_NCCL_ONLY, det_backend/demo.py: its FlashInfer all-reduce fusion would create a
+    multicast object, which the lent hosts forbid, and crashed there)."""
+    from det_backend import demo
     from det_backend.demo import print_table
     from det_backend.tp_demo import compare_tp
+
+    if demo.NCCL_ONLY not in os.environ:
+        monkeypatch.setenv(demo.NCCL_ONLY, "1")
 
     result = compare_tp("small", tensor_parallel_size=2, num_prompts=32, max_tokens=64, runs=2)
     print_table(result)
