@@ -126,17 +126,12 @@ if [[ $what == *" tp "* || "${AB_TP:-1}" != 1 || "${DET_MATRIX_TP:-1}" != 1 ]]; 
   # check on, vLLM tests P2P and turns its custom all-reduce off where P2P does not work.
   export VLLM_SKIP_P2P_CHECK=0
   # It died so again with the check on, and on two H100s with the custom all-reduce off
-  # (2026-11-26). The likely cause is also a rule of these hosts: vLLM turns on FlashInfer's
-  # all-reduce + RMSNorm fusion at TP > 1 on Hopper, whose default workspace ("mnnvl",
-  # vllm/distributed/device_communicators/flashinfer_all_reduce.py) creates an NVLink
-  # multicast object (flashinfer/comm/mnnvl.py: cuMulticastCreate), and the device library's
-  # KINDS.md says: multicast stays off here, don't call cuMulticastCreate (it can take the
-  # shared GPUs out of service). So, not to be overridden here:
-  # - every engine of the demos, benchmarks and serve matrix talks over NCCL alone: custom
-  #   all-reduce and that fusion pass off (det_backend/demo.py NCCL_ONLY; in their JSON);
-  # - should anything still build a FlashInfer all-reduce workspace, it is the IPC one.
-  # DET_DEMO_KEEP_CUSTOM_ALL_REDUCE=1 keeps vLLM's custom all-reduce (CUDA IPC over NVLink, no
-  # multicast) for the default and det_two_rank engines; the pass stays off.
+  # (2026-11-26). Likely cause, and a rule of these hosts: vLLM's FlashInfer all-reduce fusion
+  # (on at TP > 1 on Hopper) creates an NVLink multicast object, which the device library's
+  # KINDS.md forbids here. So, not to be overridden here: every engine of the demos, benchmarks
+  # and serve matrix starts with that pass and vLLM's custom all-reduce off (det_backend/demo.py
+  # NCCL_ONLY says why and how; DET_DEMO_KEEP_CUSTOM_ALL_REDUCE=1 keeps the custom all-reduce),
+  # and any FlashInfer all-reduce workspace still built is the IPC one, without multicast.
   export DET_DEMO_NCCL_ONLY=1
   export VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
   # An engine that hangs is killed after this long, so the call goes on to the next one.

@@ -420,22 +420,22 @@ def run_backends(
                     raise
                 print(f"== {backend}: {e}; going on with the next engine", flush=True)
                 result.setdefault("failed", {})[backend] = str(e)
-                if on_backend_done:
-                    on_backend_done(result)
-                continue
-            for name, run in json.loads(out.read_text()).items():
-                entry = result["workloads"].setdefault(
-                    name,
-                    {
-                        "num_prompts": len(run["batch"]),
-                        "max_tokens": next(w["max_tokens"] for w in workloads if w["name"] == name),
-                        "prompt_lengths": next(
-                            w["prompt_lengths"] for w in workloads if w["name"] == name
-                        ),
-                        "runs": [],
-                    },
-                )
-                entry["runs"].append(summarize(run))
+            else:
+                for name, run in json.loads(out.read_text()).items():
+                    entry = result["workloads"].setdefault(
+                        name,
+                        {
+                            "num_prompts": len(run["batch"]),
+                            "max_tokens": next(
+                                w["max_tokens"] for w in workloads if w["name"] == name
+                            ),
+                            "prompt_lengths": next(
+                                w["prompt_lengths"] for w in workloads if w["name"] == name
+                            ),
+                            "runs": [],
+                        },
+                    )
+                    entry["runs"].append(summarize(run))
             if on_backend_done:
                 on_backend_done(result)
     return result

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(flag, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.engine_worker:
-        engine_worker(args)
+        demo.run_engine_worker(engine_worker, args)
         return 0
     result = compare_tp_sizes(
         args.config, args.layers, args.prompts, args.max_tokens, args.eager, verbose=args.verbose
