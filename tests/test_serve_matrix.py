@@ -220,7 +220,8 @@ def test_matrix_nccl_only_at_tp_above_1(served_args, monkeypatch):
 # One GPU call may not fit every server start: DET_MATRIX_CELLS / DET_MATRIX_DEFAULT_CELLS
 # pick cells (comma lists; the rest skip) and DET_MATRIX_MODELS the shapes;
 # DET_MATRIX_REF_DIR keeps each variant's reference pass for the next call on the same host;
-# DET_MATRIX_TP=2 serves every variant with --tensor-parallel-size 2 (two GPUs).
+# DET_MATRIX_TP=2 serves every variant with --tensor-parallel-size 2 (two GPUs);
+# DET_MATRIX_PROMPTS sets the prompts per pass (default 256, the committed set).
 def _env_cells(name: str) -> tuple[str, ...]:
     return tuple(c for c in os.environ.get(name, ",".join(matrix.ALL_CELLS)).split(",") if c)
 
@@ -250,6 +251,7 @@ def matrix_result():
         out=out,
         reference_dir=os.environ.get("DET_MATRIX_REF_DIR"),
         tensor_parallel_size=int(os.environ.get("DET_MATRIX_TP", "1")),
+        num_prompts=int(os.environ.get("DET_MATRIX_PROMPTS", str(matrix.NUM_PROMPTS))),
     )
     return result["cells"]
 
