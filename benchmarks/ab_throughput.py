@@ -30,6 +30,7 @@ LABELS = {
     "det": "det_backend",
     "det_fa3": "det_backend, fa3 variant",
     "det_flashinfer": "det_backend, flashinfer variant",
+    "det_nccl": "det_backend, pinned NCCL all-reduce",
     "det_two_rank": "det_backend, two-rank all-reduce",
 }
 

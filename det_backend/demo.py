@@ -43,7 +43,13 @@ BACKENDS = {
         "attention_backend": "CUSTOM",
         "env": {"DET_BACKEND_ATTENTION": "flashinfer"},
     },
-    # TP=2 only: vLLM's custom all-reduce and unpinned NCCL (patches/tensor_parallel.py).
+    # The two all-reduce modes of patches/tensor_parallel.py, named, to compare at TP=2, where
+    # "det" runs the default (two-rank): NCCL pinned (any TP size), and TP=2 only: vLLM's
+    # custom all-reduce and unpinned NCCL.
+    "det_nccl": {
+        "attention_backend": "CUSTOM",
+        "env": {"DET_BACKEND_ATTENTION": "triton", "DET_BACKEND_TP_ALLREDUCE": "nccl"},
+    },
     "det_two_rank": {
         "attention_backend": "CUSTOM",
         "env": {"DET_BACKEND_ATTENTION": "triton", "DET_BACKEND_TP_ALLREDUCE": "two-rank"},

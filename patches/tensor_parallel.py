@@ -1,6 +1,8 @@
 """Wraps vllm.engine.arg_utils.EngineArgs.create_engine_config: with our backend selected and
-tensor_parallel_size > 1, pins NCCL and turns every non-NCCL all-reduce path off before any
-engine process starts. `parallel_problems` and `problems` refuse, in the worker, what is
+tensor_parallel_size > 1, makes the all-reduce deterministic before any engine process starts:
+at TP=2 by default only the paths that add more than two partials or fuse our RMSNorm are
+turned off ("two-rank", see DET_BACKEND_TP_ALLREDUCE below); otherwise NCCL is pinned and
+every non-NCCL all-reduce path turned off. `parallel_problems` and `problems` refuse, in the worker, what is
 not pinned.
 
 Why: at TP > 1 the row-parallel layers and the vocab-parallel embedding end in an
@@ -22,9 +24,9 @@ but never sees the config. The first code that knows the backend choice before t
 processes start is EngineArgs.create_engine_config (arg_utils.py:1847). It runs in the
 process that builds the engine (LLM, vllm serve), after register() (arg_utils.py:769,
 :2733). There `pin` does three things:
-- sets ENV in os.environ: the engine-core and worker processes inherit it, and Ray copies
-  NCCL_* and VLLM_* (ray_env.py:36);
-- sets disable_custom_all_reduce=True;
+- sets ENV in os.environ (VLLM_ENV only in two-rank mode): the engine-core and worker
+  processes inherit it, and Ray copies NCCL_* and VLLM_* (ray_env.py:36);
+- sets disable_custom_all_reduce=True (not in two-rank mode);
 - sets each of COMM_PASSES to False unless the user set it.
 With DET_BACKEND_TP_INVARIANT=1 (at any TP size) it also writes the mode into
 additional_config (`stamp_tp_invariant`), so that compiled graphs of the two modes are cached
@@ -66,8 +68,11 @@ VLLM_ENV = {
 ENV = {**NCCL_ENV, **VLLM_ENV}
 
 # DET_BACKEND_TP_ALLREDUCE (read in every process, like DET_BACKEND_ATTENTION) picks how the
-# tensor-parallel all-reduce stays deterministic:
-# - "nccl" (default): NCCL pinned as above, vLLM's custom all-reduce off, at every TP size.
+# tensor-parallel all-reduce stays deterministic. Unset: "two-rank" at tensor_parallel_size=2,
+# "nccl" at other sizes. Why two-rank by default at TP=2: measured side by side on two H100s
+# (benchmarks/results/ab_tp2_h100x2.json, Llama-3-8B shapes, 256 prompts of 64-512 tokens), the
+# pinned NCCL ran at 0.31x of vLLM's default and two-rank at 0.72x, both alone = batch.
+# - "nccl": NCCL pinned as above, vLLM's custom all-reduce off, at every TP size.
 # - "two-rank": at tensor_parallel_size=2 only, vLLM's custom all-reduce and NCCL as vLLM picks
 #   them. With two addends every algorithm computes each element as one rounded sum of the
 #   two partials, and a + b = b + a bit for bit, so message size, algorithm, channels and
@@ -78,7 +83,7 @@ ENV = {**NCCL_ENV, **VLLM_ENV}
 #   but for addition double rounding through a format of p' >= 2p + 2 significand bits is
 #   innocuous (Figueroa, 1995): fp32's 24 >= 18 for bf16 (p = 8) and >= 24 for fp16 (p = 11),
 #   so the two paths, which vLLM picks by message size (that is, by batch), agree bit for bit.
-#   From 3 ranks the orders differ ((a+b)+c vs a+(b+c)), so it is refused there.
+#   From 3 ranks the orders differ ((a+b)+c vs a+(b+c)), so asking for it there is refused.
 #   Symmetric-memory and FlashInfer all-reduces and the COMM_PASSES stay off in both modes
 #   (multimem reductions in the switch, fused RMSNorm).
 #   tests/test_tensor_parallel.py checks the double-rounding claim on random pairs.
@@ -86,19 +91,27 @@ ALLREDUCE_ENV = "DET_BACKEND_TP_ALLREDUCE"
 ALLREDUCE_MODES = ("nccl", "two-rank")
 
 
-def allreduce_mode() -> str:
-    """The DET_BACKEND_TP_ALLREDUCE setting ("nccl" when unset); ValueError names a bad value."""
-    value = os.environ.get(ALLREDUCE_ENV, "").strip().lower() or "nccl"
-    if value not in ALLREDUCE_MODES:
+def requested_allreduce_mode() -> str | None:
+    """The DET_BACKEND_TP_ALLREDUCE setting, None when unset; ValueError names a bad value."""
+    value = os.environ.get(ALLREDUCE_ENV, "").strip().lower()
+    if value and value not in ALLREDUCE_MODES:
         raise ValueError(
             f"det_backend: {ALLREDUCE_ENV}={os.environ[ALLREDUCE_ENV]!r} is not one of "
             f"{', '.join(ALLREDUCE_MODES)}"
         )
-    return value
+    return value or None
+
+
+def allreduce_mode(tensor_parallel_size: int) -> str:
+    """The mode in effect at this size: the setting, else two-rank at 2 and nccl elsewhere."""
+    requested = requested_allreduce_mode()
+    if requested:
+        return requested
+    return "two-rank" if tensor_parallel_size == 2 else "nccl"
 
 
 def _two_rank(tensor_parallel_size: int) -> bool:
-    return tensor_parallel_size == 2 and allreduce_mode() == "two-rank"
+    return tensor_parallel_size == 2 and allreduce_mode(tensor_parallel_size) == "two-rank"
 
 
 def required_env(tensor_parallel_size: int) -> dict[str, str]:
@@ -122,11 +135,12 @@ _OTHER_ALL_REDUCES = {
     "aiter_ar_comm": "AITER custom all-reduce",
 }
 
-_HOW_TO_PIN = (
-    "det_backend pins it when the engine is built through EngineArgs (LLM(...), vllm serve); "
-    "otherwise export it before starting: "
-    + " ".join(f"{name}={value}" for name, value in ENV.items())
-)
+def _how_to_pin(tensor_parallel_size: int) -> str:
+    return (
+        "det_backend pins it when the engine is built through EngineArgs (LLM(...), vllm serve); "
+        "otherwise export it before starting: "
+        + " ".join(f"{name}={value}" for name, value in required_env(tensor_parallel_size).items())
+    )
 
 _original_create_engine_config = None
 
@@ -151,7 +165,7 @@ def pin(engine_args) -> None:
     from vllm.logger import init_logger
 
     tp = engine_args.tensor_parallel_size
-    if allreduce_mode() == "two-rank" and tp != 2:
+    if requested_allreduce_mode() == "two-rank" and tp != 2:
         raise ValueError(
             f"det_backend: {ALLREDUCE_ENV}=two-rank is deterministic at tensor_parallel_size=2 "
             f"only (from 3 ranks the partials are added in an order that depends on the "
@@ -164,7 +178,7 @@ def pin(engine_args) -> None:
         raise RuntimeError(
             "det_backend: torch.distributed was initialized in this process before the engine "
             "was built, so NCCL may already have read its environment; tensor_parallel_size > 1 "
-            f"needs it pinned first. {_HOW_TO_PIN}"
+            f"needs it pinned first. {_how_to_pin(tp)}"
         )
     overridden = {name: value for name, value in unpinned.items() if value is not None}
     if overridden:
@@ -239,7 +253,7 @@ def parallel_problems(vllm_config) -> list[str]:
     tp = par.tensor_parallel_size
     if tp == 1:
         try:  # a bad value is an error at any size, not only where an all-reduce runs
-            allreduce_mode()
+            requested_allreduce_mode()
         except ValueError as e:
             reasons.append(str(e))
     if tp not in SUPPORTED_TENSOR_PARALLEL_SIZES:
@@ -270,7 +284,7 @@ def _tensor_parallel_problems(vllm_config) -> list[str]:
         two_rank = _two_rank(par.tensor_parallel_size)
     except ValueError as e:
         return [*reasons, str(e)]
-    if allreduce_mode() == "two-rank" and not two_rank:
+    if requested_allreduce_mode() == "two-rank" and not two_rank:
         reasons.append(
             f"{ALLREDUCE_ENV}=two-rank at tensor_parallel_size={par.tensor_parallel_size}: it "
             "is deterministic with two ranks only; unset it to pin NCCL"
@@ -295,7 +309,7 @@ def _tensor_parallel_problems(vllm_config) -> list[str]:
             "the all-reduce environment was not pinned before the NCCL communicators were "
             "created ("
             + ", ".join(f"{name}={value!r}, needs {env[name]!r}" for name, value in wrong.items())
-            + f"); {_HOW_TO_PIN}"
+            + f"); {_how_to_pin(par.tensor_parallel_size)}"
         )
     return reasons
 

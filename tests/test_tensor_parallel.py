@@ -61,6 +61,7 @@ def test_nccl_pins_are_vllms_batch_invariant_ones(monkeypatch):
 
 
 def test_pin_sets_exactly_the_documented_env_and_engine_args(clean_env):
+    os.environ[ALLREDUCE_ENV] = "nccl"
     args = _engine_args(tensor_parallel_size=2, attention_backend="CUSTOM")
     before = dict(os.environ)
     tensor_parallel.pin(args)
@@ -74,6 +75,7 @@ def test_pin_sets_exactly_the_documented_env_and_engine_args(clean_env):
 
 
 def test_pin_overrides_a_conflicting_nccl_setting(clean_env):
+    os.environ[ALLREDUCE_ENV] = "nccl"
     os.environ["NCCL_ALGO"] = "ring"
     tensor_parallel.pin(_engine_args(tensor_parallel_size=2, attention_backend="CUSTOM"))
     assert os.environ["NCCL_ALGO"] == ENV["NCCL_ALGO"]
@@ -103,6 +105,7 @@ def test_pin_keeps_a_pass_the_user_turned_on_for_the_workers_to_refuse(clean_env
 def test_config_build_pins_only_for_our_backend_at_tp_above_1(
     kwargs, pinned, clean_env, stub_config_build
 ):
+    os.environ[ALLREDUCE_ENV] = "nccl"
     args = _engine_args(**kwargs)
     assert args.create_engine_config() == "vllm_config"  # the original still builds it
     assert all((os.environ.get(k) == v) == pinned for k, v in ENV.items())
@@ -151,6 +154,7 @@ def _fake_config(tp=1, moe=False, passes=None, **parallel):
 @pytest.fixture
 def pinned_env(clean_env):
     os.environ.update(ENV)
+    os.environ[ALLREDUCE_ENV] = "nccl"
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -261,6 +265,36 @@ def test_two_rank_mode_pins_only_the_vllm_paths_and_keeps_custom_all_reduce(clea
     assert tensor_parallel.communicator_problems(_communicator(ca_comm=True), 4)
 
 
+@pytest.mark.parametrize(
+    "tp, mode, pinned_nccl", [(2, "two-rank", False), (3, "nccl", True), (4, "nccl", True)]
+)
+def test_unset_mode_is_two_rank_at_tp2_and_pinned_nccl_elsewhere(
+    tp, mode, pinned_nccl, clean_env, monkeypatch
+):
+    """Unset DET_BACKEND_TP_ALLREDUCE: two-rank at TP=2 (the faster of the two, measured on two
+    H100s), pinned NCCL from 3 ranks, where two-rank would not be deterministic."""
+    assert tensor_parallel.allreduce_mode(tp) == mode
+    args = _engine_args(tensor_parallel_size=tp, attention_backend="CUSTOM")
+    before = dict(os.environ)
+    tensor_parallel.pin(args)
+    changed = {k: v for k, v in os.environ.items() if before.get(k) != v}
+    assert changed == (ENV if pinned_nccl else VLLM_ENV)
+    assert args.disable_custom_all_reduce is pinned_nccl
+    for name in COMM_PASSES:
+        assert getattr(args.compilation_config.pass_config, name) is False
+    assert tensor_parallel.communicator_problems(_communicator(ca_comm=True), tp) == (
+        [] if tp == 2 else tensor_parallel.communicator_problems(_communicator(ca_comm=True))
+    )
+    # The refusal's export line names what this size needs.
+    os.environ["VLLM_ALLREDUCE_USE_FLASHINFER"] = "1"
+    monkeypatch.setattr(tensor_parallel, "SUPPORTED_TENSOR_PARALLEL_SIZES", (1, 2, 3, 4))
+    (reason,) = tensor_parallel.parallel_problems(
+        _fake_config(tp, disable_custom_all_reduce=pinned_nccl)
+    )
+    assert "VLLM_ALLREDUCE_USE_FLASHINFER='1', needs '0'" in reason
+    assert ("NCCL_ALGO=allreduce:tree" in reason) is pinned_nccl
+
+
 def test_two_rank_mode_still_needs_the_vllm_env(clean_env):
     os.environ[ALLREDUCE_ENV] = "two-rank"
     os.environ.update(VLLM_ENV)
@@ -279,8 +313,9 @@ def test_two_rank_mode_refused_beyond_two_ranks(clean_env, monkeypatch):
     assert any("two-rank at tensor_parallel_size=4" in r for r in reasons), reasons
 
 
-def test_default_mode_refuses_custom_all_reduce_and_a_bad_mode_is_named(clean_env):
+def test_nccl_mode_refuses_custom_all_reduce_and_a_bad_mode_is_named(clean_env):
     os.environ.update(ENV)
+    os.environ[ALLREDUCE_ENV] = "nccl"
     assert tensor_parallel.communicator_problems(_communicator(ca_comm=True), 2)
     os.environ[ALLREDUCE_ENV] = "fastest"
     (reason,) = tensor_parallel.parallel_problems(_fake_config(2))
