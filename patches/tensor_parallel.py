@@ -2,8 +2,8 @@
 tensor_parallel_size > 1, makes the all-reduce deterministic before any engine process starts:
 at TP=2 by default only the paths that add more than two partials or fuse our RMSNorm are
 turned off ("two-rank", see DET_BACKEND_TP_ALLREDUCE below); otherwise NCCL is pinned and
-every non-NCCL all-reduce path turned off. `parallel_problems` and `problems` refuse, in the worker, what is
-not pinned.
+every non-NCCL all-reduce path turned off. `parallel_problems` and `problems` refuse, in the
+worker, what is not pinned.
 
 Why: at TP > 1 the row-parallel layers and the vocab-parallel embedding end in an
 all-reduce. vLLM picks its implementation per message size (cuda_communicator.py:273), and
@@ -135,12 +135,14 @@ _OTHER_ALL_REDUCES = {
     "aiter_ar_comm": "AITER custom all-reduce",
 }
 
+
 def _how_to_pin(tensor_parallel_size: int) -> str:
     return (
         "det_backend pins it when the engine is built through EngineArgs (LLM(...), vllm serve); "
         "otherwise export it before starting: "
         + " ".join(f"{name}={value}" for name, value in required_env(tensor_parallel_size).items())
     )
+
 
 _original_create_engine_config = None
 
