@@ -400,6 +400,10 @@ class DetAttentionImpl(AttentionImpl[DetAttentionMetadata]):
             # Profiling run: no KV cache yet.
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
+        if self.alibi_slopes is not None and self.alibi_slopes.device != query.device:
+            # Built outside vLLM's device context (the layer was made on the CPU): moved once,
+            # at the first forward (the profile run, before any CUDA-graph capture).
+            self.alibi_slopes = self.alibi_slopes.to(query.device)
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         if self.variant == "flashinfer":
             flashinfer_paged_attention(

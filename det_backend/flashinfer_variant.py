@@ -21,8 +21,14 @@ What FlashInfer picks from the batch, and the pin:
   (scheduler.cuh:608-611).
 - Within the pinned tile a row's KV tiles are aligned to position 0; the tile's other rows
   only add trailing, fully masked KV tiles for it (num_iterations from the tile's last row,
-  prefill.cuh:3111-3118), which are exact no-ops (-inf logits: max unchanged, scale
-  exp2(0) = 1, probability 0).
+  prefill.cuh:3111-3118), so a row's count of such tiles depends on where the chunking put it.
+  They are no-ops only if their rescale is exactly 1. FlashInfer computes it as
+  exp2(m_prev * s - m * s) (update_mdo_states, prefill.cuh:1188-1215, s = sm_scale * log2e),
+  which nvcc contracts to an FMA: with m_prev = m the result is the rounding error of m * s,
+  not 0, so o and d are scaled by 1 +- 1 ulp and the output's last bf16 bit moves (seen on an
+  H200: a 1-token chunk vs the same row inside the whole prefill, 1-2 bf16 ulps). Pin:
+  `kernel_scales` makes s an exact power of two (m * s exact, the FMA gives 0, exp2(0) = 1)
+  and folds the rest of the layer's scale into q (one rounding of q to its dtype).
 - CUDA-graph mode launches `padded_batch_size` CTAs and, without a split, no validity mask
   (csrc/batch_prefill.cu:171-181): the work items past this step's real ones are whatever an
   earlier plan left in the page-locked buffer (scheduler.cuh:760-784 copies only the real
@@ -38,9 +44,12 @@ softcap, ALiBi, sinks, fp8 KV, head sizes other than 64/128/256, another FlashIn
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import shutil
 
+import numpy as np
 import torch
 
 FLASHINFER_VERSION = "0.6.14"
@@ -54,6 +63,32 @@ WORKSPACE_BYTES = 16 * 1024 * 1024  # float workspace: only a split would use it
 PLAN_PADDED_BATCH_SIZE, PLAN_CTA_TILE_Q = 0, 3
 PLAN_REQUEST_INDICES, PLAN_QO_TILE_INDICES, PLAN_KV_TILE_INDICES = 4, 5, 6
 PLAN_SPLIT_KV = 14
+
+
+# FlashInfer's math::log2e, the float its kernel multiplies sm_scale by (math.cuh:29,
+# variants.cuh:54: sm_scale_log2 = params.sm_scale * math::log2e, one fp32 multiply).
+LOG2E_F32 = np.float32(1.44269504088896340736)
+
+
+@functools.cache
+def kernel_scales(scale: float) -> tuple[float, float]:
+    """(q_multiplier, sm_scale) for a layer's softmax scale: FlashInfer's kernel then computes
+    sm_scale_log2 = fl32(sm_scale * log2e) = P, a power of two, exactly, and q * q_multiplier
+    carries the rest (q_multiplier * P = scale * log2e). With P a power of two, m * P is exact,
+    so the rescale of a fully masked trailing KV tile is exp2(0) = 1 exactly (module doc)."""
+    if not scale > 0 or not math.isfinite(scale):
+        raise ValueError(f"det_backend flashinfer: softmax scale={scale} must be positive.")
+    target = scale * float(LOG2E_F32)
+    power = 2.0 ** round(math.log2(target))
+    x = np.float32(power / float(LOG2E_F32))
+    # fl32(x * log2e) steps by ~0.72 ulp of P per ulp of x, and P's rounding interval is
+    # 0.75 ulp wide, so one of a few neighbours lands on P (checked for every P in the tests).
+    for _ in range(16):
+        product = x * LOG2E_F32  # float32 x float32: one IEEE rounding, as on the GPU
+        if product == np.float32(power):
+            return target / power, float(x)
+        x = np.nextafter(x, np.float32(np.inf if product < power else -np.inf))
+    raise RuntimeError(f"det_backend flashinfer: no fp32 sm_scale gives log2 scale {power}")
 
 
 def cta_tile_q(avg_packed_qo_len: int, head_dim: int) -> int:
@@ -220,6 +255,7 @@ class FlashInferPlanner:
         self._plan(qo, kv, torch.zeros(1, **i32), last)
         self.plan_info = list(self.wrapper._plan_info)
         self._check_plan()
+        self.num_rows = 0  # query rows of the current plan (FlashInfer's run checks q's)
 
     def _plan(self, qo, kv, indices, last) -> None:
         num_q_heads, num_kv_heads, head_size, page_size = self.shape
@@ -255,6 +291,7 @@ class FlashInferPlanner:
         indices = device_page_indices(seq_lens, block_table[:num_reqs], page_size, int(kv[-1]))
         self._plan(qo, kv, indices, last)
         self._check_plan()
+        self.num_rows = int(qo[-1])
         # Work items past the real ones: the empty last request, query tile 0, KV chunk 0.
         real = num_work_items((qo[1:] - qo[:-1]).tolist(), self.group_size, self.tile)
         padded = self.plan_info[PLAN_PADDED_BATCH_SIZE]
@@ -295,12 +332,28 @@ def flashinfer_paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of q over the paged KV cache as planned this step; writes and returns
-    out. q, out: [tokens, q_heads, head_size]; caches: [pages, page_size, kv_heads, head_size]
-    (strided views are fine: FlashInfer reads the cache's strides). Rows past the plan's last
-    query row are left untouched. The plan holds sm_scale 1; the layer's scale goes in as
-    k_scale (FlashInfer multiplies them, prefill.py:2394-2398: 1.0 * scale is exact)."""
+    out. q, out: [tokens, q_heads, head_size] with at least the plan's rows (rows past them,
+    padding, are left untouched); caches: [pages, page_size, kv_heads, head_size] (strided
+    views are fine: FlashInfer reads the cache's strides). The plan holds sm_scale 1; the
+    layer's scale goes in through kernel_scales: a power-of-two log2 scale as k_scale
+    (FlashInfer multiplies them, prefill.py:2394-2400: 1.0 * k_scale is exact), the rest on q."""
+    q_multiplier, sm_scale = kernel_scales(float(scale))
+    return _run(q, key_cache, value_cache, out, planner, q_multiplier, sm_scale)
+
+
+def _run(q, key_cache, value_cache, out, planner, q_multiplier: float, sm_scale: float):
+    """flashinfer_paged_attention with the two scales given (the tests' control passes
+    FlashInfer's own split: q as it is and the layer's scale)."""
     _check(q, key_cache, value_cache, out, planner)
-    if q.shape[0] == 0:
+    rows = planner.num_rows
+    if q.shape[0] < rows:
+        raise ValueError(
+            f"det_backend flashinfer: q has {q.shape[0]} rows, the plan {rows} query tokens."
+        )
+    if rows == 0:
         return out
-    planner.wrapper.run(q, (key_cache, value_cache), k_scale=scale, out=out)
+    # FlashInfer 0.6.14 wants exactly the plan's rows (prefill.py:2353-2360). The views keep
+    # q's and out's storage, so a captured CUDA graph replays later plans' rows too.
+    q = q[:rows] if q_multiplier == 1.0 else torch.mul(q[:rows], q_multiplier)
+    planner.wrapper.run(q, (key_cache, value_cache), k_scale=sm_scale, out=out[:rows])
     return out

@@ -10,7 +10,9 @@ VLLM_BATCH_INVARIANT's disable_split_kv without our tile pin) and must show diff
 
 import math
 from functools import cache
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from attention_inputs import Batch, assert_rows_equal, join, make_batch, reference
@@ -71,6 +73,106 @@ def test_work_items_count_query_tiles():
     # group 4, tile 128: 32 tokens per tile; decodes take one tile each.
     assert fi.num_work_items([1, 1, 32, 33, 0], 4, 128) == 1 + 1 + 1 + 2
     assert fi.num_work_items([], 4, 128) == 0
+
+
+@pytest.mark.parametrize("scale", [64**-0.5, 80**-0.5, 96**-0.5, 128**-0.5, 256**-0.5,
+                                   144**-0.5, 1.0, 0.0625, 3e-3, 7.5])  # fmt: skip
+def test_kernel_scales_give_an_exact_power_of_two_log2_scale(scale):
+    """FlashInfer's kernel computes sm_scale_log2 = fl32(sm_scale * log2e): exactly a power of
+    two, and q's multiplier carries the rest of scale * log2e."""
+    q_multiplier, sm_scale = fi.kernel_scales(scale)
+    assert np.float32(sm_scale) == sm_scale  # passes through the kernel's float exactly
+    log2_scale = float(np.float32(sm_scale) * fi.LOG2E_F32)
+    assert math.frexp(log2_scale)[0] == 0.5  # a power of two
+    assert math.isclose(q_multiplier * log2_scale, scale * float(fi.LOG2E_F32), rel_tol=1e-15)
+    assert 2**-0.5 <= q_multiplier <= 2**0.5
+    with pytest.raises(ValueError, match="must be positive"):
+        fi.kernel_scales(0.0)
+
+
+def _fma32(a, b, c):
+    """fl32(a * b + c) with one rounding, as an FMA (the fp32 product is exact in fp64)."""
+    f64 = np.float64
+    return (np.asarray(a, f64) * np.asarray(b, f64) + np.asarray(c, f64)).astype(np.float32)
+
+
+def _flashinfer_row(logits, values, log2_scale, tile_kv):
+    """One query row through FlashInfer's online softmax (update_mdo_states, prefill.cuh:
+    1188-1215), fp32, as nvcc compiles `m_prev * s - m * s` and `x * s - m * s`: an FMA
+    with the rounded m * s. logits: [kv] fp32 (-inf = masked); values: [kv, d]."""
+    s = np.float32(log2_scale)
+    m, d = np.float32(-np.inf), np.float32(0)
+    o = np.zeros(values.shape[1], np.float32)
+    for lo in range(0, logits.shape[0], tile_kv):
+        tile, v = logits[lo : lo + tile_kv], values[lo : lo + tile_kv]
+        m_prev, m = m, max(m, tile.max())
+        ms = np.float32(m * s)
+        rescale = np.exp2(_fma32(m_prev, s, -ms)).astype(np.float32)
+        d, o = np.float32(d * rescale), (o * rescale).astype(np.float32)
+        p = np.exp2(_fma32(tile, s, -ms)).astype(np.float32)
+        d = np.float32(d + p.sum(dtype=np.float32))
+        o = (o + p @ v).astype(np.float32)
+    return o / d
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_trailing_masked_tiles_are_no_ops_only_with_a_power_of_two_log2_scale(pinned):
+    """Why kernel_scales: a row processed with one more fully masked KV tile (what a later
+    position in its query tile gives it) keeps its bits only when m * s is exact. The
+    control (FlashInfer's own scale * log2e) must differ for some rows."""
+    rng = np.random.default_rng(0)
+    scale = 128**-0.5
+    log2_scale = (
+        float(np.float32(fi.kernel_scales(scale)[1]) * fi.LOG2E_F32)
+        if pinned
+        else float(np.float32(scale) * fi.LOG2E_F32)
+    )
+    tile_kv, differ = 64, 0
+    for _ in range(200):
+        visible = int(rng.integers(1, 300))
+        logits = (rng.standard_normal(visible) * 30).astype(np.float32)
+        values = rng.standard_normal((visible, 16)).astype(np.float32)
+        rows = []
+        for extra in (0, 1):  # the kernel's full KV tiles, then one more fully masked one
+            padded = (-(-visible // tile_kv) + extra) * tile_kv
+            tiles = np.full(padded, -np.inf, np.float32)
+            tiles[:visible] = logits
+            v = np.zeros((padded, 16), np.float32)
+            v[:visible] = values
+            rows.append(_flashinfer_row(tiles, v, log2_scale, tile_kv))
+        a, b = rows
+        differ += not np.array_equal(a, b)
+    if pinned:
+        assert differ == 0
+    else:
+        assert differ > 0, "the control found no row changed by a masked tile: it cannot tell"
+
+
+def test_paged_attention_runs_the_plans_rows_with_the_pinned_scales():
+    """FlashInfer 0.6.14's run() wants exactly the plan's rows: padding rows are cut off (and
+    left untouched), q carries kernel_scales' multiplier, k_scale its power-of-two scale."""
+    calls = []
+
+    class Wrapper:
+        def run(self, q, caches, k_scale, out):
+            calls.append((q.clone(), k_scale, out.data_ptr(), out.shape))
+            out.fill_(1.0)
+
+    planner = SimpleNamespace(
+        shape=(4, 2, 64, 16), dtype=torch.float16, num_rows=5, wrapper=Wrapper()
+    )
+    q = torch.randn(8, 4, 64, dtype=torch.float16)
+    cache = torch.randn(3, 16, 2, 64, dtype=torch.float16)
+    out = torch.full_like(q, float("nan"))
+    fi.flashinfer_paged_attention(q, cache, cache, out, planner, 64**-0.5)
+    ((q_run, k_scale, out_ptr, out_shape),) = calls
+    multiplier, sm_scale = fi.kernel_scales(64**-0.5)
+    assert k_scale == sm_scale and out_ptr == out.data_ptr() and out_shape == (5, 4, 64)
+    assert torch.equal(q_run, q[:5] * multiplier)
+    assert (out[:5] == 1).all() and out[5:].isnan().all()
+    planner.num_rows = 9
+    with pytest.raises(ValueError, match="q has 8 rows, the plan 9"):
+        fi.flashinfer_paged_attention(q, cache, cache, out, planner, 64**-0.5)
 
 
 def test_flashinfer_platform_problems_name_the_variant():
@@ -189,6 +291,27 @@ def test_flashinfer_chunked_prefill_invariant(head_size, num_q_heads, num_kv_hea
             if size in (7, 128, 333):
                 mixed = run(join(decodes, chunk))[2:]
                 assert_rows_equal(mixed, full[rows], f"chunk {rows} beside decodes")
+
+
+@gpu
+@pytest.mark.usefixtures("_needs_flashinfer")
+def test_flashinfer_own_scale_split_changes_bits_with_the_chunking(device):
+    """The control for kernel_scales: FlashInfer's own scale handling (q as it is, the layer's
+    scale as k_scale) gives some 1-token chunks other bits than the whole prefill (seen on an
+    H200 before the pin: chunked prefill and decode vs prefill failed by 1-2 bf16 ulps)."""
+    specs = [(1100, 1400)]
+    batch = make_batch(specs, 8, 8, 128, torch.bfloat16, device, seed=2)
+
+    def run_unpinned(b: Batch) -> torch.Tensor:
+        out = torch.full(b.q.shape, float("nan"), dtype=b.q.dtype, device=b.q.device)
+        return fi._run(b.q, b.key_cache, b.value_cache, out, plan(b), 1.0, b.scale)
+
+    full = run_unpinned(batch)
+    differ = sum(
+        not torch.equal(run_unpinned(batch.select(0, slice(i, i + 1))), full[i : i + 1])
+        for i in range(1100)
+    )
+    assert differ > 0, "FlashInfer's own scale split gave every 1-token chunk the same bits"
 
 
 @gpu
