@@ -43,9 +43,9 @@ BACKENDS = {
         "attention_backend": "CUSTOM",
         "env": {"DET_BACKEND_ATTENTION": "flashinfer"},
     },
-    # The two all-reduce modes of patches/tensor_parallel.py, named, to compare at TP=2, where
-    # "det" runs the default (two-rank): NCCL pinned (any TP size), and TP=2 only: vLLM's
-    # custom all-reduce and unpinned NCCL.
+    # The two all-reduce modes of patches/tensor_parallel.py by name, to compare at TP=2 (where
+    # "det" runs the default, two-rank): NCCL pinned (any TP size), and, TP=2 only, vLLM's
+    # custom all-reduce with unpinned NCCL.
     "det_nccl": {
         "attention_backend": "CUSTOM",
         "env": {"DET_BACKEND_ATTENTION": "triton", "DET_BACKEND_TP_ALLREDUCE": "nccl"},

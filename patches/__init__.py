@@ -2,10 +2,13 @@
 
 - backend_alias: registry._AttentionBackendEnumMeta.__getitem__ accepts DETERMINISTIC for
   CUSTOM (applied by register(), not by apply_all: the CLI name is parsed in process0).
-- tensor_parallel: engine.arg_utils.EngineArgs.create_engine_config pins NCCL, custom
-  all-reduce off and the all-reduce compile passes off when our backend runs at TP > 1
-  (applied by register(): NCCL reads its environment before any worker builds the model);
-  its problems() checks, in the worker, that only NCCL's all-reduce is live.
+- tensor_parallel: engine.arg_utils.EngineArgs.create_engine_config makes the all-reduce
+  deterministic when our backend runs at TP > 1: the all-reduce compile passes and the
+  symmetric-memory and FlashInfer all-reduces off, and NCCL pinned with vLLM's custom
+  all-reduce off, except at TP=2 by default ("two-rank": two addends give one rounded sum
+  whatever the path) (applied by register(): NCCL reads its environment before any worker
+  builds the model); its problems() checks, in the worker, that only the allowed all-reduce
+  paths are live.
 - custom_ops: adds torch.ops.det_backend.{linear, rms_norm, fused_add_rms_norm}, so
   torch.compile keeps our kernels whole.
 - linear: layers.linear.UnquantizedLinearMethod.apply (cuBLAS split-K depends on M).
