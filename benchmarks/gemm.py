@@ -45,6 +45,32 @@ SHAPES = (
     ("qwen3-32b", "gate_up", 51200, 5120),
     ("qwen3-32b", "down", 5120, 25600),
 )
+# One rank's shapes at tensor_parallel_size=2 (column-parallel N / 2, row-parallel K / 2).
+# MATMUL_TABLE has no entry for them yet, so MATMUL_CONFIGS serves them: on two H100s det's
+# TP=2 throughput was 0.72x of vLLM's default (benchmarks/results/ab_tp2_h100x2.json) against
+# 0.87x at TP=1 (H200). Not in the default run; name them with --layers llama-3-8b-tp2:o,...
+TP2_SHAPES = (
+    ("llama-3-8b-tp2", "qkv", 3072, 4096),
+    ("llama-3-8b-tp2", "o", 4096, 2048),
+    ("llama-3-8b-tp2", "gate_up", 14336, 4096),
+    ("llama-3-8b-tp2", "down", 4096, 7168),
+    ("llama-3-8b-tp2", "lm_head", 64128, 4096),
+)
+
+
+def select_shapes(layers: str | None) -> list[tuple[str, str, int, int]]:
+    """SHAPES, or the model:layer names given (from SHAPES and TP2_SHAPES, in that order);
+    ValueError names any unknown one."""
+    if not layers:
+        return list(SHAPES)
+    wanted = [name for name in layers.split(",") if name]
+    known = {f"{shape[0]}:{shape[1]}": shape for shape in (*SHAPES, *TP2_SHAPES)}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise ValueError(f"unknown --layers {unknown}; known: {', '.join(known)}")
+    return [shape for name, shape in known.items() if name in wanted]
+
+
 # TMA descriptors cost host time per launch and the persistent loop pays off with many tiles:
 # TMA configs are swept from this M. Parallel split-K writes [split_k, M, N] fp32 partials:
 # swept up to SPLIT_K_MAX_M. In-program split-K (the large-M side of a split-K shape) from
@@ -109,10 +135,7 @@ def run(sweep: bool, max_m: int, layers: str | None, out: Path, eager: bool = Fa
     points = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     family = gpu_family(torch.device("cuda", torch.cuda.current_device()))
-    wanted = set(layers.split(",")) if layers else None
-    for model, layer, n, k in SHAPES:
-        if wanted is not None and f"{model}:{layer}" not in wanted:
-            continue
+    for model, layer, n, k in select_shapes(layers):
         w = torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
         x_all = torch.randn(max_m, k, generator=gen, device="cuda", dtype=torch.bfloat16)
         for m in (m for m in M_VALUES if m <= max_m):
@@ -166,8 +189,12 @@ def run(sweep: bool, max_m: int, layers: str | None, out: Path, eager: bool = Fa
 def plot(data: dict):
     plt = pyplot()
     shapes = sorted({(p["model"], p["layer"]) for p in data["points"]}, key=str)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
-    for ax, model in zip(axes, ("llama-3-8b", "qwen3-32b"), strict=True):
+    models = sorted({model for model, _ in shapes})
+    fig, axes = plt.subplots(
+        1, len(models), figsize=(6.5 * len(models), 4.5), sharey=True, squeeze=False
+    )
+    axes = axes[0]
+    for ax, model in zip(axes, models, strict=True):
         for mdl, layer in shapes:
             if mdl != model:
                 continue
@@ -192,7 +219,9 @@ def _add_args(parser) -> None:
     parser.add_argument("--max-m", type=int, default=max(M_VALUES))
     parser.add_argument("--eager", action="store_true", help="time plain launches, not graphs")
     parser.add_argument(
-        "--layers", help="comma-separated model:layer (e.g. llama-3-8b:o) to run; default all"
+        "--layers",
+        help="comma-separated model:layer (e.g. llama-3-8b:o, llama-3-8b-tp2:down) to run; "
+        "default: every shape of SHAPES",
     )
 
 

@@ -151,12 +151,9 @@ def gemm_launches(layers: str | None, sweep: bool, max_m: int):
     on CPU tensors shaped and sliced as gemm.py slices them (x_all[:m])."""
     import torch
     from det_backend.kernels.matmul import MATMUL_CANDIDATES, matmul
-    from gemm import M_VALUES, SHAPES, sweep_fits
+    from gemm import M_VALUES, select_shapes, sweep_fits
 
-    wanted = set(layers.split(",")) if layers else None
-    for model, layer, n, k in SHAPES:
-        if wanted is not None and f"{model}:{layer}" not in wanted:
-            continue
+    for model, layer, n, k in select_shapes(layers):
         # torch.empty: address space only, never touched (no launch reads it).
         w = torch.empty(n, k, dtype=torch.bfloat16)
         x_all = torch.empty(max_m, k, dtype=torch.bfloat16)
