@@ -5,9 +5,9 @@
 class path in vLLM's CUSTOM attention-backend slot and, on a checked vLLM version, accepts
 DETERMINISTIC as a second name for that slot and wraps EngineArgs.create_engine_config (an
 engine with our backend at tensor_parallel_size > 1 gets a deterministic all-reduce set up
-before its processes start: patches/tensor_parallel.py). Nothing else changes until a user selects the backend
-(`--attention-backend CUSTOM` or `DETERMINISTIC`); then constructing the backend turns
-deterministic mode on in the worker (see det_backend.mode).
+before its processes start: patches/tensor_parallel.py). Nothing else changes until a user
+selects the backend (`--attention-backend CUSTOM` or `DETERMINISTIC`); then constructing the
+backend turns deterministic mode on in the worker (see det_backend.mode).
 """
 
 __version__ = "0.1.0"
