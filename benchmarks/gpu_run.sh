@@ -15,7 +15,8 @@
 #   bash benchmarks/gpu_run.sh attention  attention vs FA3 (attention.json)
 #   bash benchmarks/gpu_run.sh matrix     invariance matrix through vllm serve (invariance_matrix.json);
 #                                         DET_MATRIX_TP=2: every server at --tensor-parallel-size 2;
-#                                         DET_MATRIX_PROMPTS: prompts per pass (default 256)
+#                                         DET_MATRIX_PROMPTS: prompts per pass (default 256);
+#                                         DET_BACKEND_ATTENTION=fa3|flashinfer: the det servers' variant
 #   bash benchmarks/gpu_run.sh seeded     seeded sampling (penalties, logit bias) through vllm serve:
 #                                         4 det cells + the default control (invariance_matrix_seeded.json),
 #                                         then offline after preemption (e2e_seeded_preemption.json);

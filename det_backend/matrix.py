@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import demo, drift
+from . import demo, drift, variants
 from .demo import reinit_weights, write_model_dir
 
 MODELS = ("llama-3-8b", "qwen3-8b")
@@ -309,6 +309,8 @@ def run_matrix(
         # At TP > 1: every server talked over NCCL alone (demo.NCCL_ONLY says why).
         "nccl_only": tensor_parallel_size > 1 and demo.nccl_only(),
         "custom_all_reduce_kept": demo.custom_all_reduce_kept(),
+        # The det servers inherit DET_BACKEND_ATTENTION from this process.
+        "attention_variant": variants.read_variant(),
     }
 
     def save() -> None:
@@ -390,11 +392,24 @@ def _mode_tag(sampling: dict[str, Any] | None, num_prompts: int) -> str:
 
 def merge(results: list[dict]) -> dict:
     """Partial runs (e.g. one GPU call per group of cells) into one matrix: a cell's fields
-    from the first run that measured them. Runs of other sampling settings or prompt counts
-    do not merge (their cells measure different things)."""
-    modes = {json.dumps([r.get("sampling"), r.get("num_prompts", NUM_PROMPTS)]) for r in results}
+    from the first run that measured them. Runs of other sampling settings, prompt counts,
+    attention variants or TP sizes do not merge (their cells measure different things)."""
+    modes = {
+        json.dumps(
+            [
+                r.get("sampling"),
+                r.get("num_prompts", NUM_PROMPTS),
+                r.get("attention_variant", variants.DEFAULT),
+                r.get("tensor_parallel_size", 1),
+            ]
+        )
+        for r in results
+    }
     if len(modes) > 1:
-        raise ValueError(f"runs with different sampling settings or prompt counts: {modes}")
+        raise ValueError(
+            "runs with different sampling settings, prompt counts, attention variants or TP "
+            f"sizes: {modes}"
+        )
     merged = {k: v for k, v in results[0].items() if k != "cells"}
     merged["cells"] = []
     merged["command"] = " + ".join(r["command"] for r in results)

@@ -123,6 +123,13 @@ def test_matrix_merge_refuses_runs_of_other_sampling_settings():
     assert matrix.merge([greedy, old])["sampling"] is None
     with pytest.raises(ValueError, match="different sampling"):
         matrix.merge([greedy, seeded])
+    # Another attention variant or TP size measures other kernels: no merge either.
+    flashinfer = {**greedy, "command": "d", "attention_variant": "flashinfer"}
+    tp2 = {**greedy, "command": "e", "tensor_parallel_size": 2}
+    assert matrix.merge([greedy, {**old, "attention_variant": "triton"}])["command"] == "a + b"
+    for other in (flashinfer, tp2):
+        with pytest.raises(ValueError, match="attention variants or TP sizes"):
+            matrix.merge([greedy, other])
 
 
 @pytest.fixture
