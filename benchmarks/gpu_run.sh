@@ -22,6 +22,9 @@
 #                                         then offline after preemption (e2e_seeded_preemption.json);
 #                                         seeded-serve / seeded-offline run one part each
 #   bash benchmarks/gpu_run.sh ab         end-to-end throughput A/B (ab_throughput.json)
+#   bash benchmarks/gpu_run.sh profile    where the end-to-end time goes: each engine's kernel time
+#                                         by category under torch.profiler (profile_e2e.json);
+#                                         PROFILE_BACKENDS (default default,det), PROFILE_WORKLOADS
 #   bash benchmarks/gpu_run.sh moe        our MoE vs vLLM's fused MoE (moe.json)
 #   bash benchmarks/gpu_run.sh sampling   our top-k/top-p and logprob topk vs vLLM's (sampling.json)
 #   bash benchmarks/gpu_run.sh sampling-sweep  top-k/top-p launch parameters (sampling_sweep.json)
@@ -243,6 +246,14 @@ if [[ $what == *" tp "* ]]; then
     2>&1 | tee "$OUT/tp_multigpu.log" | grep -E "identical|tensor_parallel_size|passed|failed|Error|^(det|default)" | tail -40
   rc=$(( rc | ${PIPESTATUS[0]} ))
   after_mode tp
+fi
+if [[ $what == *" profile "* ]]; then
+  python3 "$REPO/benchmarks/profile_e2e.py" ${PROFILE_BACKENDS:+--backends "$PROFILE_BACKENDS"} \
+    ${PROFILE_WORKLOADS:+--workloads "$PROFILE_WORKLOADS"} --out "$OUT/profile_e2e.json" \
+    > "$OUT/profile.log" 2>&1
+  rc=$(( rc | $? )); grep -E "kernels|Error|error" "$OUT/profile.log" | tail -20
+  python3 "$REPO/benchmarks/profile_e2e.py" --plot "$OUT/profile_e2e.json" 2>/dev/null
+  after_mode profile
 fi
 if [[ $what == *" ab "* ]]; then
   # AB_BACKENDS: engines to compare, e.g. default,det,det_fa3 (default: default, vLLM BI, det).

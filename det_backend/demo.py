@@ -272,6 +272,15 @@ def engine_worker(args: argparse.Namespace) -> None:
         llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in w["warmup_prompts"]], params_for(None)
         )
+        if plan.get("profile"):
+            print(f"{tag} {w['name']}: batch of {len(inputs)} prompts (profiled)", flush=True)
+            results[w["name"]] = {
+                "backend": args.engine_worker,
+                "profile": profiled_generate(llm, inputs, params),
+                "gpu": torch.cuda.get_device_name(),
+                "vllm": vllm.__version__,
+            }
+            continue
         print(f"{tag} {w['name']}: batch of {len(inputs)} prompts (timed)", flush=True)
         start = time.perf_counter()
         batch = _outputs(llm.generate(inputs, params))
@@ -295,6 +304,39 @@ def engine_worker(args: argparse.Namespace) -> None:
             "preemptions": _preemptions(llm) if plan.get("num_gpu_blocks_override") else None,
         }
     Path(args.out).write_text(json.dumps(results))
+
+
+def profiled_generate(llm, inputs, params) -> dict:
+    """llm.generate under torch.profiler (CUDA activity): every kernel's name, total device
+    time (us) and launch count, with the batch's wall time and output tokens. The engine must
+    run its model in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, TP=1: run_backends'
+    profile=True sets it), or the profiler sees no kernel. Kernels replayed from CUDA graphs
+    are recorded one by one (CUPTI)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        outputs = _outputs(llm.generate(inputs, params, use_tqdm=False))
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    kernels = {
+        e.key: [e.device_time_total, e.count]
+        for e in prof.key_averages()
+        if e.device_type == DeviceType.CUDA
+    }
+    if not kernels:
+        raise RuntimeError(
+            "det_backend: torch.profiler recorded no CUDA kernel (no CUPTI, or the model ran "
+            "in another process: VLLM_ENABLE_V1_MULTIPROCESSING=0 and TP=1 are needed)"
+        )
+    return {
+        "seconds": seconds,
+        "tokens": sum(len(o["tokens"]) for o in outputs),
+        "kernels": kernels,
+    }
 
 
 def _preemptions(llm) -> int:
@@ -374,6 +416,7 @@ def run_backends(
     tensor_parallel_size: int = 1,
     keep_going: bool = False,
     on_backend_done: Callable[[dict], None] | None = None,
+    profile: bool = False,
 ) -> dict:
     """Each backend in its own process (one engine per process), same prompts and weights.
     Only `alone_backends` (default: all) also run prompts alone. num_gpu_blocks: KV blocks
@@ -382,7 +425,12 @@ def run_backends(
     model differs from the one-GPU model; compare backends at one size only).
     keep_going: an engine that fails or times out is named in result["failed"] (backend:
     error) and the next one runs, instead of raising. on_backend_done(result) after each
-    backend, failed or not, so a caller can save what is known if the run is cut short."""
+    backend, failed or not, so a caller can save what is known if the run is cut short.
+    profile: each workload's batch runs once under torch.profiler after the warm-up
+    (profiled_generate), nothing else; its run is {"backend", **profile} (TP=1 only: the model
+    must run in the engine's own process)."""
+    if profile and tensor_parallel_size != 1:
+        raise ValueError("det_backend: profile=True needs tensor_parallel_size=1")
     result = {"config": config, "workloads": {}}
     alone = backends if alone_backends is None else alone_backends
     with tempfile.TemporaryDirectory() as tmp:
@@ -393,6 +441,7 @@ def run_backends(
                 "max_model_len": max_len + 64,
                 "num_gpu_blocks_override": num_gpu_blocks,
                 "tensor_parallel_size": tensor_parallel_size,
+                "profile": profile,
                 "workloads": [
                     {**w, "num_alone": w["num_alone"] if backend in alone else 0} for w in workloads
                 ],
@@ -400,6 +449,9 @@ def run_backends(
             plan_file, out = Path(tmp, f"{backend}-plan.json"), Path(tmp, f"{backend}.json")
             plan_file.write_text(json.dumps(plan))
             env = {**os.environ, **BACKENDS[backend]["env"]}
+            if profile:
+                # The engine core (and, at TP=1, the model) in the engine process itself.
+                env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             if not verbose:
                 env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
             cmd = [
@@ -431,7 +483,9 @@ def run_backends(
                     entry = result["workloads"].setdefault(
                         name,
                         {
-                            "num_prompts": len(run["batch"]),
+                            "num_prompts": len(
+                                next(w["prompts"] for w in workloads if w["name"] == name)
+                            ),
                             "max_tokens": next(
                                 w["max_tokens"] for w in workloads if w["name"] == name
                             ),
@@ -441,7 +495,10 @@ def run_backends(
                             "runs": [],
                         },
                     )
-                    entry["runs"].append(summarize(run))
+                    if profile:
+                        entry["runs"].append({"backend": run["backend"], **run["profile"]})
+                    else:
+                        entry["runs"].append(summarize(run))
             if on_backend_done:
                 on_backend_done(result)
     return result
