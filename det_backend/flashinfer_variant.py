@@ -352,8 +352,9 @@ def _run(q, key_cache, value_cache, out, planner, q_multiplier: float, sm_scale:
         )
     if rows == 0:
         return out
-    # FlashInfer 0.6.14 wants exactly the plan's rows (prefill.py:2353-2360). The views keep
-    # q's and out's storage, so a captured CUDA graph replays later plans' rows too.
+    # FlashInfer 0.6.14 wants exactly the plan's rows (prefill.py:2353-2360). A captured CUDA
+    # graph scales the captured rows of q's storage and writes out's; a replay's plan (same
+    # buffers, re-planned by build()) has at most that many rows.
     q = q[:rows] if q_multiplier == 1.0 else torch.mul(q[:rows], q_multiplier)
     planner.wrapper.run(q, (key_cache, value_cache), k_scale=sm_scale, out=out[:rows])
     return out
