@@ -59,6 +59,7 @@ def test_compare_gives_per_category_ratios_and_shares_of_the_gap():
     engines = profile_e2e.compare([default, det])
     assert engines["default"]["kernel_ms"] == pytest.approx(4.5)
     assert engines["det"]["kernel_ms"] == pytest.approx(6.1)
+    assert engines["det"]["kernel_share_of_wall"] == pytest.approx(6.1 / 2500)
     vs = engines["det"]["vs_default"]
     assert vs["gemm"]["ratio_vs_default"] == pytest.approx(4 / 3)
     assert vs["gemm"]["gap_share"] == pytest.approx(1.0 / 1.6)
