@@ -24,7 +24,7 @@ but never sees the config. The first code that knows the backend choice before t
 processes start is EngineArgs.create_engine_config (arg_utils.py:1847). It runs in the
 process that builds the engine (LLM, vllm serve), after register() (arg_utils.py:769,
 :2733). There `pin` does three things:
-- sets ENV in os.environ (VLLM_ENV only in two-rank mode): the engine-core and worker
+- sets ENV in os.environ (TWO_RANK_ENV in two-rank mode): the engine-core and worker
   processes inherit it, and Ray copies NCCL_* and VLLM_* (ray_env.py:36);
 - sets disable_custom_all_reduce=True (not in two-rank mode);
 - sets each of COMM_PASSES to False unless the user set it.
@@ -66,6 +66,10 @@ VLLM_ENV = {
     "VLLM_ALLREDUCE_USE_FLASHINFER": "0",
 }
 ENV = {**NCCL_ENV, **VLLM_ENV}
+# What two-rank mode keeps of the pins: the paths above, and NCCL's NVLS (NVLink SHARP), whose
+# reductions run in the NVSwitch (multimem); that they round (subnormals included) as a CUDA-
+# core a + b does is not documented, so they stay off. The lent hosts have it off anyway.
+TWO_RANK_ENV = {**VLLM_ENV, "NCCL_NVLS_ENABLE": "0"}
 
 # DET_BACKEND_TP_ALLREDUCE (read in every process, like DET_BACKEND_ATTENTION) picks how the
 # tensor-parallel all-reduce stays deterministic. Unset: "two-rank" at tensor_parallel_size=2,
@@ -115,8 +119,8 @@ def _two_rank(tensor_parallel_size: int) -> bool:
 
 
 def required_env(tensor_parallel_size: int) -> dict[str, str]:
-    """The environment a TP rank must see: VLLM_ENV always, NCCL_ENV unless two-rank."""
-    return VLLM_ENV if _two_rank(tensor_parallel_size) else ENV
+    """The environment a TP rank must see: ENV, or TWO_RANK_ENV in two-rank mode."""
+    return TWO_RANK_ENV if _two_rank(tensor_parallel_size) else ENV
 
 
 # PassConfig fields whose compile passes rewrite the tensor-parallel all-reduce.
@@ -162,7 +166,7 @@ def _selects_our_backend(engine_args) -> bool:
 def pin(engine_args) -> None:
     """Sets ENV in this process (and so in the engine processes it starts), custom all-reduce
     off and COMM_PASSES off unless set by the user. Idempotent. In two-rank mode at TP=2:
-    VLLM_ENV only, and the custom all-reduce stays as the user set it."""
+    TWO_RANK_ENV only, and the custom all-reduce stays as the user set it."""
     import torch.distributed
     from vllm.logger import init_logger
 

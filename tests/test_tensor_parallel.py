@@ -17,6 +17,7 @@ from det_backend.patches.tensor_parallel import (
     COMM_PASSES,
     ENV,
     NCCL_ENV,
+    TWO_RANK_ENV,
     VLLM_ENV,
 )
 
@@ -254,7 +255,7 @@ def test_two_rank_mode_pins_only_the_vllm_paths_and_keeps_custom_all_reduce(clea
     args = _engine_args(tensor_parallel_size=2, attention_backend="CUSTOM")
     before = dict(os.environ)
     tensor_parallel.pin(args)
-    assert {k: v for k, v in os.environ.items() if before.get(k) != v} == VLLM_ENV
+    assert {k: v for k, v in os.environ.items() if before.get(k) != v} == TWO_RANK_ENV
     assert args.disable_custom_all_reduce is False
     for name in COMM_PASSES:
         assert getattr(args.compilation_config.pass_config, name) is False
@@ -278,7 +279,7 @@ def test_unset_mode_is_two_rank_at_tp2_and_pinned_nccl_elsewhere(
     before = dict(os.environ)
     tensor_parallel.pin(args)
     changed = {k: v for k, v in os.environ.items() if before.get(k) != v}
-    assert changed == (ENV if pinned_nccl else VLLM_ENV)
+    assert changed == (ENV if pinned_nccl else TWO_RANK_ENV)
     assert args.disable_custom_all_reduce is pinned_nccl
     for name in COMM_PASSES:
         assert getattr(args.compilation_config.pass_config, name) is False
@@ -295,12 +296,15 @@ def test_unset_mode_is_two_rank_at_tp2_and_pinned_nccl_elsewhere(
     assert ("NCCL_ALGO=allreduce:tree" in reason) is pinned_nccl
 
 
-def test_two_rank_mode_still_needs_the_vllm_env(clean_env):
+def test_two_rank_mode_still_needs_the_vllm_env_and_nvls_off(clean_env):
     os.environ[ALLREDUCE_ENV] = "two-rank"
-    os.environ.update(VLLM_ENV)
+    os.environ.update(TWO_RANK_ENV)
+    assert tensor_parallel.parallel_problems(_fake_config(2, disable_custom_all_reduce=False)) == []
     os.environ["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "1"
+    os.environ["NCCL_NVLS_ENABLE"] = "1"  # multimem reductions in the switch
     (reason,) = tensor_parallel.parallel_problems(_fake_config(2, disable_custom_all_reduce=False))
     assert "VLLM_ALLREDUCE_USE_SYMM_MEM='1', needs '0'" in reason
+    assert "NCCL_NVLS_ENABLE='1', needs '0'" in reason
 
 
 def test_two_rank_mode_refused_beyond_two_ranks(clean_env, monkeypatch):
