@@ -49,12 +49,11 @@ SHAPES = (
 # MATMUL_TABLE has no entry for them yet, so MATMUL_CONFIGS serves them: on two H100s det's
 # TP=2 throughput was 0.72x of vLLM's default (benchmarks/results/ab_tp2_h100x2.json) against
 # 0.87x at TP=1 (H200). Not in the default run; name them with --layers llama-3-8b-tp2:o,...
-TP2_SHAPES = (
-    ("llama-3-8b-tp2", "qkv", 3072, 4096),
-    ("llama-3-8b-tp2", "o", 4096, 2048),
-    ("llama-3-8b-tp2", "gate_up", 14336, 4096),
-    ("llama-3-8b-tp2", "down", 4096, 7168),
-    ("llama-3-8b-tp2", "lm_head", 64128, 4096),
+ROW_PARALLEL = ("o", "down")  # K split across ranks; the other layers split N (vocab for lm_head)
+TP2_SHAPES = tuple(
+    (f"{model}-tp2", layer, *((n, k // 2) if layer in ROW_PARALLEL else (n // 2, k)))
+    for model, layer, n, k in SHAPES
+    if model == "llama-3-8b"
 )
 
 
