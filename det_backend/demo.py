@@ -480,18 +480,13 @@ def run_backends(
                 result.setdefault("failed", {})[backend] = str(e)
             else:
                 for name, run in json.loads(out.read_text()).items():
+                    spec = next(w for w in workloads if w["name"] == name)
                     entry = result["workloads"].setdefault(
                         name,
                         {
-                            "num_prompts": len(
-                                next(w["prompts"] for w in workloads if w["name"] == name)
-                            ),
-                            "max_tokens": next(
-                                w["max_tokens"] for w in workloads if w["name"] == name
-                            ),
-                            "prompt_lengths": next(
-                                w["prompt_lengths"] for w in workloads if w["name"] == name
-                            ),
+                            "num_prompts": len(spec["prompts"]),
+                            "max_tokens": spec["max_tokens"],
+                            "prompt_lengths": spec["prompt_lengths"],
                             "runs": [],
                         },
                     )
