@@ -11,7 +11,8 @@ profiler (det_backend.demo.profiled_generate): 256 prompts of 64-512 tokens and 
 (prefill_mix), or 64 prompts and 1024 new (decode_heavy). The engine runs its model in its own
 process for this (VLLM_ENABLE_V1_MULTIPROCESSING=0, TP=1), which is not how ab_throughput.py
 times it: the wall time here is not a throughput figure, the kernel times are what to compare.
-CUDA-graph replays are recorded kernel by kernel. `ratio_vs_default` per category: ours / the
+CUPTI reports the kernels of CUDA-graph replays too (`kernel_share_of_wall` would show any
+missed). `ratio_vs_default` per category: ours / the
 default's kernel time (> 1: ours takes longer); `gap_share`: that category's part of the
 difference in total kernel time.
 """

@@ -310,8 +310,9 @@ def profiled_generate(llm, inputs, params) -> dict:
     """llm.generate under torch.profiler (CUDA activity): every kernel's name, total device
     time (us) and launch count, with the batch's wall time and output tokens. The engine must
     run its model in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, TP=1: run_backends'
-    profile=True sets it), or the profiler sees no kernel. Kernels replayed from CUDA graphs
-    are recorded one by one (CUPTI)."""
+    profile=True sets it), or the profiler sees no kernel. CUPTI reports the kernels of CUDA-
+    graph replays too (not yet seen on our host: profile_e2e's kernel_share_of_wall would
+    show kernels missed)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
