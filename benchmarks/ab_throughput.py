@@ -35,6 +35,19 @@ LABELS = {
 }
 
 
+# name -> (prompts, new tokens per prompt); prompts of 64-512 tokens (demo.workload).
+WORKLOADS = {"prefill_mix": (256, 128), "decode_heavy": (64, 1024)}
+
+
+def parse_workloads(text: str) -> list[str]:
+    """--workloads: a comma-separated subset of WORKLOADS; SystemExit names an unknown one."""
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown or not names:
+        raise SystemExit(f"--workloads: unknown {unknown or names}; choose from {list(WORKLOADS)}")
+    return names
+
+
 def parse_backends(text: str) -> tuple[str, ...]:
     """`default` first (the baseline every ratio divides by), then the rest in the given order."""
     names = [b for b in text.split(",") if b]
@@ -98,15 +111,11 @@ def main() -> None:
         plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
         return
     vocab = vocab_size(args.config)
-    every = {
-        "prefill_mix": lambda: workload("prefill_mix", 256, 128, args.alone, vocab),
-        "decode_heavy": lambda: workload("decode_heavy", 64, 1024, max(1, args.alone // 8), vocab),
-    }
-    names = [n for n in args.workloads.split(",") if n]
-    unknown = [n for n in names if n not in every]
-    if unknown or not names:
-        raise SystemExit(f"--workloads: unknown {unknown or names}; choose from {list(every)}")
-    workloads = [every[n]() for n in names]
+    # Decode-heavy prompts each run 1024 tokens alone: fewer of them.
+    alone = {"prefill_mix": args.alone, "decode_heavy": max(1, args.alone // 8)}
+    workloads = [
+        workload(n, *WORKLOADS[n], alone[n], vocab) for n in parse_workloads(args.workloads)
+    ]
     dets = tuple(b for b in backends if b.startswith("det"))
     # At TP > 1 our first engine runs first, then the default, then the rest: on the lent
     # two-GPU hosts vLLM's default died at TP=2 (README, "Tensor parallelism"), and a call cut

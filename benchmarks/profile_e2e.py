@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 
+from ab_throughput import WORKLOADS, parse_workloads
 from harness import main, pyplot, run_info
 
 # (category, lower-case substrings of kernel names), first match wins: FA3's kernels are
@@ -39,7 +40,6 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
                   "penalt", "_min_p", "_temperature", "logprob", "_ranks")),
 )  # fmt: skip
 OTHER = "other"
-WORKLOADS = {"prefill_mix": (256, 128), "decode_heavy": (64, 1024)}
 
 
 def category(kernel_name: str) -> str:
@@ -100,11 +100,7 @@ def run(args) -> dict:
 
     backends = [b for b in args.backends.split(",") if b]
     vocab = vocab_size(args.config)
-    names = [n for n in args.workloads.split(",") if n]
-    unknown = [n for n in names if n not in WORKLOADS]
-    if unknown or not names:
-        raise SystemExit(f"--workloads: unknown {unknown or names}; choose from {list(WORKLOADS)}")
-    workloads = [workload(n, *WORKLOADS[n], 0, vocab) for n in names]
+    workloads = [workload(n, *WORKLOADS[n], 0, vocab) for n in parse_workloads(args.workloads)]
     result = run_backends(args.config, workloads, tuple(backends), profile=True, keep_going=True)
     return {
         **run_info(),
