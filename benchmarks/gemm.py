@@ -107,6 +107,9 @@ def sweep_point(x, w, ours, candidates, timer=bench, walls: dict | None = None) 
     times, first = {}, {1: ours}
     for cfg in candidates:
         key = str(tuple(cfg[1:]))
+        # Before the first call: a candidate that hangs or compiles for minutes is named in
+        # the log (an H100 sweep at M >= 512 was cut at 590 s with nothing printed).
+        print(f"  M={x.shape[0]} {key} ...", flush=True)
         start = time.perf_counter()
         try:
             y = matmul(x, w, config=cfg)

@@ -1,8 +1,9 @@
 """The attention backend vLLM resolves for `--attention-backend CUSTOM`.
 
 Structure follows vllm/v1/attention/backends/triton_attn.py (metadata dataclass, builder,
-backend, impl). The kernel is picked by DET_BACKEND_ATTENTION (det_backend/variants.py):
-`triton` (default) is ours (kernels/attention.py): every query token reduces its KV in tiles
+backend, impl). The kernel is picked by DET_BACKEND_ATTENTION (det_backend/variants.py; unset:
+fa3 on Hopper where the model allows, else triton):
+`triton` is ours (kernels/attention.py): every query token reduces its KV in tiles
 and fixed-size segments aligned to position 0, so its bits depend only on its own request;
 `fa3` is vLLM's FlashAttention-3 with every batch-dependent choice pinned (det_backend/fa3.py);
 `flashinfer` is FlashInfer's FA2 prefill kernel planned once per step with one pinned query tile

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -309,8 +310,10 @@ def run_matrix(
         # At TP > 1: every server talked over NCCL alone (demo.NCCL_ONLY says why).
         "nccl_only": tensor_parallel_size > 1 and demo.nccl_only(),
         "custom_all_reduce_kept": demo.custom_all_reduce_kept(),
-        # The det servers inherit DET_BACKEND_ATTENTION from this process.
-        "attention_variant": variants.read_variant(),
+        # The det servers inherit DET_BACKEND_ATTENTION from this process; unset, each server
+        # picks the default for its model (variants.default_for: fa3 on Hopper where the
+        # model allows) and logs it.
+        "attention_variant": os.environ.get(variants.ENV_VAR, "").strip().lower() or "unset",
     }
 
     def save() -> None:

@@ -32,8 +32,11 @@ With DET_BACKEND_TP_INVARIANT=1 (at any TP size) it also writes the mode into
 additional_config (`stamp_tp_invariant`), so that compiled graphs of the two modes are cached
 apart (patches/row_parallel.py).
 A config built without EngineArgs is not pinned, and its workers refuse to start.
+With our backend at any TP size, once the config is built, the wrapper also fills in the
+attention variant when DET_BACKEND_ATTENTION is unset (det_backend/variants.py
+export_default), for the same reason: every engine process must see one choice.
 register() calls `apply()` on a checked vLLM version only; `apply()` is idempotent. With
-another backend, or at TP = 1, the wrapper just calls the original.
+another backend the wrapper just calls the original.
 Checked against vLLM: 0.26.0.
 """
 
@@ -214,13 +217,22 @@ def stamp_tp_invariant(engine_args) -> None:
 
 
 def _create_engine_config(self, *args, **kwargs):
+    ours = _selects_our_backend(self)
     tp_invariant = row_parallel.requested()
-    if (self.tensor_parallel_size > 1 or tp_invariant) and _selects_our_backend(self):
-        if self.tensor_parallel_size > 1:
-            pin(self)
-        if tp_invariant:
-            stamp_tp_invariant(self)
-    return _original_create_engine_config(self, *args, **kwargs)
+    if ours and self.tensor_parallel_size > 1:
+        pin(self)
+    if ours and tp_invariant:
+        stamp_tp_invariant(self)
+    vllm_config = _original_create_engine_config(self, *args, **kwargs)
+    if ours:
+        # The other choice every engine process must share: the attention variant, when
+        # DET_BACKEND_ATTENTION is unset (it depends on the model, known only now; the
+        # processes start after this returns). Imported here: register() imports this module
+        # in every vLLM process, and the variants pull in the kernels.
+        from .. import variants
+
+        variants.export_default(vllm_config)
+    return vllm_config
 
 
 def apply() -> None:

@@ -2,6 +2,8 @@
 start-up; the pinned FA3 launch arguments. CPU only: FA3 itself runs in test_attention_fa3.py.
 """
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -202,3 +204,116 @@ def test_fa3_launcher_rejects_before_calling_fa3(overrides, message):
         q, cache, m = _inputs()
         out = q.float()
         fa3.fa3_paged_attention(q, cache, cache, out, m.cu, m.seq_lens, m.table, 0.1, 3, 3)
+
+
+# The default with DET_BACKEND_ATTENTION unset (variants.default_for, export_default).
+CONFIGS = Path(__file__).resolve().parents[1] / "det_backend" / "configs"
+
+
+def _model_config(tmp_path, name: str):
+    """vLLM's own ModelConfig of a bundled config.json (no weights, no tokenizer: CPU only)."""
+    from vllm.config import ModelConfig
+
+    (tmp_path / "config.json").write_text((CONFIGS / f"{name}.json").read_text())
+    return ModelConfig(model=str(tmp_path), skip_tokenizer_init=True)
+
+
+@pytest.fixture
+def fa3_runs_here(monkeypatch):
+    """The platform check of a Hopper GPU with vLLM's FA3 (this machine has neither)."""
+    real = variants.platform_problems
+    monkeypatch.setattr(variants, "platform_problems", lambda v: [] if v == "fa3" else real(v))
+
+
+def test_unset_default_is_fa3_where_it_runs_and_carries_the_model(tmp_path, fa3_runs_here):
+    features = variants.model_layer_features(_model_config(tmp_path, "llama-3-8b"))
+    assert features == SUPPORTED_LAYER
+    assert variants.default_for(features) == ("fa3", [])
+
+
+def test_unset_default_is_triton_without_fa3_and_says_why(tmp_path):
+    # This machine: vLLM's FA3 extension does not load (no CUDA build here).
+    features = variants.model_layer_features(_model_config(tmp_path, "llama-3-8b"))
+    variant, passed_over = variants.default_for(features)
+    assert variant == "triton"
+    assert passed_over and all(r.startswith("attention variant fa3") for r in passed_over)
+
+
+def test_unset_default_is_triton_for_a_sliding_window_model(tmp_path, fa3_runs_here):
+    features = variants.model_layer_features(_model_config(tmp_path, "mistral-sw-4l"))
+    assert features["sliding_window"] == 256
+    variant, passed_over = variants.default_for(features)
+    assert variant == "triton"
+    assert any("fa3: sliding window (256)" in r for r in passed_over), passed_over
+
+
+def _fake_model_config(model_type: str = "llama", **hf):
+    text = SimpleNamespace(**hf)
+    return SimpleNamespace(
+        hf_text_config=text,
+        hf_config=SimpleNamespace(model_type=model_type),
+        disable_sliding_window=False,
+        get_sliding_window=lambda: getattr(text, "sliding_window", None),
+        get_head_size=lambda: 128,
+        is_encoder_decoder=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "model_type, hf, feature",
+    [
+        ("bloom", {}, "ALiBi"),
+        ("mpt", {"attn_config": {"alibi": True}}, "ALiBi"),
+        ("falcon", {"alibi": True}, "ALiBi"),
+        ("jais", {"position_embedding_type": "alibi"}, "ALiBi"),
+        ("gpt_oss", {}, "attention sinks"),
+        ("gemma3", {"layer_types": ["sliding_attention", "full_attention"]}, "sliding window"),
+    ],
+)
+def test_unset_default_passes_fa3_over_for_features_it_refuses(
+    model_type, hf, feature, fa3_runs_here
+):
+    features = variants.model_layer_features(_fake_model_config(model_type, **hf))
+    variant, passed_over = variants.default_for(features)
+    assert variant == "triton"
+    assert any(f"fa3: {feature}" in r for r in passed_over), passed_over
+
+
+def test_softcap_alone_keeps_fa3(fa3_runs_here):
+    features = variants.model_layer_features(_fake_model_config(attn_logit_softcapping=50.0))
+    assert variants.default_for(features) == ("fa3", [])
+
+
+@pytest.fixture
+def wrapped_config_build(monkeypatch, tmp_path):
+    """create_engine_config building a real ModelConfig (Llama-3-8B's config.json) under our
+    wrapper; DET_BACKEND_ATTENTION unset; everything restored afterwards."""
+    from det_backend.patches import tensor_parallel
+    from vllm.engine.arg_utils import EngineArgs
+
+    model_config = _model_config(tmp_path, "llama-3-8b")
+    built = SimpleNamespace(
+        model_config=model_config, cache_config=SimpleNamespace(cache_dtype="auto")
+    )
+    monkeypatch.setattr(EngineArgs, "create_engine_config", lambda self, *a, **k: built)
+    monkeypatch.setattr(tensor_parallel, "_original_create_engine_config", None)
+    monkeypatch.delenv(variants.ENV_VAR, raising=False)
+    tensor_parallel.apply()
+    return built
+
+
+@pytest.mark.parametrize(
+    "backend, set_to, expected",
+    [("CUSTOM", None, "fa3"), ("CUSTOM", "triton", "triton"), ("FLASH_ATTN", None, None)],
+)
+def test_engine_build_exports_the_default_for_our_backend_only(
+    backend, set_to, expected, wrapped_config_build, fa3_runs_here, monkeypatch
+):
+    from vllm.engine.arg_utils import EngineArgs
+
+    if set_to is not None:
+        monkeypatch.setenv(variants.ENV_VAR, set_to)
+    args = EngineArgs(model="unused-model-dir", attention_backend=backend)
+    assert args.create_engine_config() is wrapped_config_build
+    # Exported before the engine processes start, so each of them reads the same variant.
+    assert os.environ.get(variants.ENV_VAR) == expected

@@ -399,6 +399,8 @@ def stub_config_build(monkeypatch):
 
     monkeypatch.setattr(EngineArgs, "create_engine_config", lambda self, *a, **k: "vllm_config")
     monkeypatch.setattr(tensor_parallel, "_original_create_engine_config", None)
+    # Set, so that the wrapper leaves the attention variant alone (the stub has no model).
+    monkeypatch.setenv("DET_BACKEND_ATTENTION", "triton")
     tensor_parallel.apply()
 
 
