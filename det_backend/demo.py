@@ -233,6 +233,10 @@ def engine_worker(args: argparse.Namespace) -> None:
         max_num_seqs=256,
         gpu_memory_utilization=0.85,
         seed=0,
+        # Every Triton JIT compile after warm-up logged, not only each kernel's first: a compile
+        # inside a timed batch stalls the GPU for a second (one suspect of the triton variant's
+        # idle time on an H100, README "Performance"), and the log then shows it in place.
+        jit_monitor_verbose=True,
     )
     if plan.get("tensor_parallel_size", 1) > 1:
         kwargs.update(tensor_parallel_size=plan["tensor_parallel_size"])
