@@ -317,3 +317,37 @@ def test_engine_build_exports_the_default_for_our_backend_only(
     assert args.create_engine_config() is wrapped_config_build
     # Exported before the engine processes start, so each of them reads the same variant.
     assert os.environ.get(variants.ENV_VAR) == expected
+
+
+# A fresh interpreter: vLLM binds its platform at first import, and the build needs its CPU one.
+REAL_BUILD = """
+import os, sys
+import vllm.platforms
+from vllm.platforms.cpu import CpuPlatform
+vllm.platforms._current_platform = CpuPlatform()  # this machine has no GPU
+from det_backend import register, variants
+real = variants.platform_problems
+variants.platform_problems = lambda v: [] if v == "fa3" else real(v)  # as on a Hopper GPU
+register()  # installs the create_engine_config wrapper, as vLLM's plugin loader does
+from vllm.engine.arg_utils import EngineArgs
+EngineArgs(
+    model=sys.argv[1], attention_backend="CUSTOM", skip_tokenizer_init=True, load_format="dummy"
+).create_engine_config()
+print("VARIANT", os.environ[variants.ENV_VAR])
+"""
+
+
+@pytest.mark.parametrize("config, expected", [("llama-3-8b", "fa3"), ("mistral-sw-4l", "triton")])
+def test_real_engine_config_build_exports_the_default(config, expected, tmp_path):
+    """vLLM's whole EngineArgs.create_engine_config under the wrapper register() installs:
+    DET_BACKEND_ATTENTION comes out set, for the engine processes to inherit."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text((CONFIGS / f"{config}.json").read_text())
+    env = {k: v for k, v in os.environ.items() if k != variants.ENV_VAR}
+    done = subprocess.run(
+        [sys.executable, "-c", REAL_BUILD, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert f"VARIANT {expected}" in done.stdout, done.stderr[-3000:]
