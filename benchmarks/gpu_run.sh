@@ -171,7 +171,8 @@ if [[ $what == *" smoke "* || $what == *" all "* ]]; then
 fi
 if [[ $what == *" e2e "* || $what == *" all "* ]]; then
   # E2E_K: a pytest -k expression choosing among the end-to-end tests (default: all), e.g.
-  # E2E_K=sliding: the sliding-window model (mistral-sw-4l) through the triton variant.
+  # E2E_K=sliding: the sliding-window model (mistral-sw-4l) through the triton variant;
+  # E2E_K=unset: DET_BACKEND_ATTENTION unset, the variant picked by the engine build.
   DET_RESULTS_DIR="$OUT" python3 -m pytest -q -s -m slow "$REPO/tests/test_e2e.py" -p no:cacheprovider \
     ${E2E_K:+-k "$E2E_K"} 2>&1 \
     | tee "$OUT/e2e.log" | grep -v -E '^\s*$' | tail -60

@@ -43,6 +43,10 @@ BACKENDS = {
         "attention_backend": "CUSTOM",
         "env": {"DET_BACKEND_ATTENTION": "flashinfer"},
     },
+    # The variable unset (None: removed from the engine's environment), as a user starts it:
+    # det_backend picks the variant when the engine is built (variants.default_for); the run
+    # records which.
+    "det_unset": {"attention_backend": "CUSTOM", "env": {"DET_BACKEND_ATTENTION": None}},
     # The two all-reduce modes of patches/tensor_parallel.py by name, to compare at TP=2 (where
     # "det" runs the default, two-rank): NCCL pinned (any TP size), and, TP=2 only, vLLM's
     # custom all-reduce with unpinned NCCL.
@@ -303,6 +307,8 @@ def engine_worker(args: argparse.Namespace) -> None:
             "batch": batch,
             "batch2": batch2,
             "alone": alone,
+            # Ours: the variant the engine ran (set by the engine build when it was unset).
+            "attention_variant": os.environ.get("DET_BACKEND_ATTENTION"),
             "gpu": torch.cuda.get_device_name(),
             "vllm": vllm.__version__,
             "preemptions": _preemptions(llm) if plan.get("num_gpu_blocks_override") else None,
@@ -376,6 +382,7 @@ def summarize(run: dict) -> dict:
         "first_divergence_min": min(diverged) if diverged else None,
         "tok_s": run["tok_s"],
         "preemptions": run.get("preemptions"),
+        "attention_variant": run.get("attention_variant"),
         "gpu": run["gpu"],
         "vllm": run["vllm"],
     }
@@ -454,6 +461,7 @@ def run_backends(
             plan_file, out = Path(tmp, f"{backend}-plan.json"), Path(tmp, f"{backend}.json")
             plan_file.write_text(json.dumps(plan))
             env = {**os.environ, **BACKENDS[backend]["env"]}
+            env = {k: v for k, v in env.items() if v is not None}
             if profile:
                 # The engine core (and, at TP=1, the model) in the engine process itself.
                 env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

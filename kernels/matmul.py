@@ -226,8 +226,8 @@ MATMUL_CANDIDATES: tuple[MatmulConfig, ...] = (
     _C(0, 128, 256, 64, 8, 8, 3, "tma_persistent"),
     _C(0, 128, 128, 128, 8, 8, 3, "tma_persistent"),
     _C(0, 256, 128, 64, 8, 8, 3, "tma_persistent"),
-    # No warp_specialize=True candidate: the H100 sweep that reached the two listed here hung
-    # (2026-11-26); Triton's persistent-matmul tutorial uses it on Blackwell only. GPU first.
+    # No warp_specialize=True candidate: the H100 sweep that reached the two listed here never
+    # ended its first point (2026-11-26); Triton's tutorial uses it on Blackwell only. GPU first.
     # split_k = 2 and 4: parallel chunks for small M on narrow layers, and the in-program
     # versions with the same bits for the larger M of the same shape (8 warps: two fp32
     # accumulators, the running sum and the chunk's, must fit in registers)

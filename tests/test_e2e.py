@@ -48,6 +48,20 @@ def test_llama8b_flashinfer_variant_alone_equals_batch():
     assert det["identical_batch_repeat"] == det["prompts_batch"]
 
 
+def test_llama8b_unset_variant_is_the_fastest_and_alone_equals_batch():
+    """DET_BACKEND_ATTENTION unset, as a user starts vLLM: the engine build picks the variant
+    (fa3 on Hopper for this model: no window, ALiBi or sinks), and it is invariant end to end."""
+    import torch
+
+    result = compare("llama-3-8b", num_prompts=64, max_tokens=128, backends=("det_unset",))
+    _keep("e2e_llama8b_unset_variant", result, "-k unset")
+    det = {r["backend"]: r for r in result["runs"]}["det_unset"]
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert det["attention_variant"] == ("fa3" if hopper else "triton"), det
+    assert det["identical_alone_vs_batch"] == det["prompts_alone"] == 64
+    assert det["identical_batch_repeat"] == det["prompts_batch"]
+
+
 def _keep(name: str, result: dict, command: str) -> None:
     if os.environ.get("DET_RESULTS_DIR"):
         result["command"] = (
