@@ -76,6 +76,11 @@ def select_shapes(layers: str | None) -> list[tuple[str, str, int, int]]:
 # TMA_MIN_M.
 TMA_MIN_M = 128
 SPLIT_K_MAX_M = 128
+# Kinds --sweep times unless --kinds says otherwise: not the TMA kind, which runs in one process
+# with a time limit per config first (tests/test_matmul.py
+# test_matmul_tma_config_finishes_and_matches_plain_gpu): both GPU runs that reached it went on
+# for minutes, and a kernel that does not end would take the whole sweep with it.
+SWEEP_KINDS = ("plain", "split_k")
 
 
 def sweep_fits(config, m: int) -> bool:
@@ -134,10 +139,20 @@ def run(
     out: Path,
     eager: bool = False,
     min_m: int = 1,
+    kinds: tuple[str, ...] = SWEEP_KINDS,
 ) -> dict:
     import torch
-    from det_backend.kernels.matmul import MATMUL_CANDIDATES, config_for, gpu_family, matmul
+    from det_backend.kernels.matmul import (
+        KINDS,
+        MATMUL_CANDIDATES,
+        config_for,
+        gpu_family,
+        matmul,
+    )
     from vllm.model_executor.layers.batch_invariant import matmul_persistent
+
+    if set(kinds) - set(KINDS):
+        raise ValueError(f"--kinds {sorted(set(kinds) - set(KINDS))}: not among {KINDS}")
 
     bandwidth = copy_bandwidth()
     timer = make_timer(eager)
@@ -168,7 +183,7 @@ def run(
             point["speedup_vs_cublas"] = point["cublas_ms"] / point["ours_ms"]
             point["tflops"] = 2 * m * n * k / (point["ours_ms"] * 1e-3) / 1e12
             if sweep:
-                fits = [c for c in MATMUL_CANDIDATES if sweep_fits(c, m)]
+                fits = [c for c in MATMUL_CANDIDATES if sweep_fits(c, m) and c.kind in kinds]
                 point["candidate_wall_s"] = {}
                 point["candidates"] = sweep_point(
                     x, w, ours, fits, timer, point["candidate_wall_s"]
@@ -229,6 +244,11 @@ def _add_args(parser) -> None:
     # A sweep of the large-M points only (where the table is furthest from cuBLAS) fits one
     # call of the lent host: --min-m 512.
     parser.add_argument("--min-m", type=int, default=1)
+    parser.add_argument(
+        "--kinds",
+        default=",".join(SWEEP_KINDS),
+        help="comma-separated candidate kinds for --sweep (plain, split_k, tma_persistent)",
+    )
     parser.add_argument("--eager", action="store_true", help="time plain launches, not graphs")
     parser.add_argument(
         "--layers",
@@ -248,7 +268,9 @@ if __name__ == "__main__":
     main(
         __doc__,
         "gemm.json",
-        lambda a: run(a.sweep, a.max_m, a.layers, Path(a.out), a.eager, a.min_m),
+        lambda a: run(
+            a.sweep, a.max_m, a.layers, Path(a.out), a.eager, a.min_m, tuple(a.kinds.split(","))
+        ),
         plot,
         _summary,
         _add_args,

@@ -9,7 +9,10 @@
 #                                         unless .flashinfer_aot_sm90 is carried (see below)
 #   bash benchmarks/gpu_run.sh e2e        end-to-end engine test (+ e2e.json)
 #   bash benchmarks/gpu_run.sh smoke      the demo on the small model (16 prompts)
-#   bash benchmarks/gpu_run.sh gemm-sweep every candidate tile at every point (gemm_sweep.json)
+#   bash benchmarks/gpu_run.sh gemm-sweep every candidate tile at every point (gemm_sweep.json);
+#                                         not the TMA kind unless GEMM_ARGS has --kinds: first
+#                                         KERNELS_K=tma_config_finishes ... kernels (one process
+#                                         per TMA config, 60 s each at most)
 #   bash benchmarks/gpu_run.sh gemm       the GEMM benchmark with the committed table (gemm.json)
 #   bash benchmarks/gpu_run.sh rmsnorm    RMSNorm vs vLLM's CUDA ops (rmsnorm.json)
 #   bash benchmarks/gpu_run.sh attention  attention vs FA3 (attention.json)
