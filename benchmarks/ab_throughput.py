@@ -27,7 +27,8 @@ BACKENDS = ("default", "vllm_batch_invariant", "det")
 LABELS = {
     "default": "vLLM default",
     "vllm_batch_invariant": "VLLM_BATCH_INVARIANT=1",
-    "det": "det_backend",
+    "det": "det_backend, triton variant",
+    "det_unset": "det_backend, variant unset (picked at engine build)",
     "det_fa3": "det_backend, fa3 variant",
     "det_flashinfer": "det_backend, flashinfer variant",
     "det_nccl": "det_backend, pinned NCCL all-reduce",
