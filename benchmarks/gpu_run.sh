@@ -255,7 +255,7 @@ if [[ $what == *" profile "* ]]; then
   python3 "$REPO/benchmarks/profile_e2e.py" ${PROFILE_BACKENDS:+--backends "$PROFILE_BACKENDS"} \
     ${PROFILE_WORKLOADS:+--workloads "$PROFILE_WORKLOADS"} --out "$OUT/profile_e2e.json" \
     > "$OUT/profile.log" 2>&1
-  rc=$(( rc | $? )); grep -E "kernels|Error|error" "$OUT/profile.log" | tail -20
+  rc=$(( rc | $? )); grep -E "kernels|GPU idle|Error|error" "$OUT/profile.log" | tail -20
   python3 "$REPO/benchmarks/profile_e2e.py" --plot "$OUT/profile_e2e.json" 2>/dev/null
   after_mode profile
 fi

@@ -78,6 +78,9 @@ def compare(runs: list[dict]) -> dict:
             # CUDA-graph replays); the rest is host time between steps.
             "kernel_share_of_wall": kernel_ms / (run["seconds"] * 1e3),
             "categories": cats,
+            # GPU idle between the batch's first and last kernel (demo.idle_gaps): many short
+            # gaps are launch overhead, a few long ones a stall (a JIT compile mid-batch).
+            "idle": run.get("idle"),
         }
     base = engines.get("default")
     if base:
@@ -142,6 +145,13 @@ def _summary(result: dict) -> str:
                 f"{label} {c['ms']:.0f}" for label, c in sorted(e["categories"].items())
             )
             lines.append(f"{name} {engine}: kernels {e['kernel_ms']:.0f} ms ({cats})")
+            idle = e.get("idle")
+            if idle:
+                long_gaps = idle["idle_ms_in_gaps_of_at_least_us"].get("100000", 0.0)
+                lines.append(
+                    f"{name} {engine}: GPU idle {idle['idle_ms']:.0f} ms, {long_gaps:.0f} ms of it"
+                    f" in gaps >= 100 ms; longest {idle['longest'][:2]}"
+                )
     return "\n".join(lines)
 
 

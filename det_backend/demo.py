@@ -338,6 +338,11 @@ def profiled_generate(llm, inputs, params) -> dict:
         for e in prof.key_averages()
         if e.device_type == DeviceType.CUDA
     }
+    spans = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA
+    ]
     if not kernels:
         raise RuntimeError(
             "det_backend: torch.profiler recorded no CUDA kernel (no CUPTI, or the model ran "
@@ -347,6 +352,42 @@ def profiled_generate(llm, inputs, params) -> dict:
         "seconds": seconds,
         "tokens": sum(len(o["tokens"]) for o in outputs),
         "kernels": kernels,
+        "idle": idle_gaps(spans),
+    }
+
+
+# Gaps between GPU work worth naming: above a step's launch overhead, up to a JIT compile.
+IDLE_BUCKETS_US = (100, 1_000, 100_000)
+
+
+def idle_gaps(spans: list[tuple[float, float, str]], top: int = 8) -> dict:
+    """Where the GPU sat idle between its first and last kernel: spans are (start us, end us,
+    name) of GPU work (kernels, copies), in any order and overlapping. Returns the idle time,
+    how much of it came in gaps of at least each IDLE_BUCKETS_US size (spread thin: host
+    launch overhead; in a few long gaps: a stall such as a JIT compile), and the longest gaps
+    with the work before and after each (what the host was about to launch)."""
+    if not spans:
+        return {"busy_ms": 0.0, "idle_ms": 0.0, "idle_ms_in_gaps_of_at_least_us": {}, "longest": []}
+    spans = sorted(spans)
+    gaps, busy = [], 0.0
+    start, end, before = spans[0]
+    for s, e, name in spans[1:]:
+        if s > end:
+            gaps.append((s - end, before, name))
+            busy += end - start
+            start = s
+        if e > end:
+            end, before = e, name
+    busy += end - start
+    return {
+        "busy_ms": busy / 1e3,
+        "idle_ms": sum(g for g, _, _ in gaps) / 1e3,
+        "idle_ms_in_gaps_of_at_least_us": {
+            str(b): sum(g for g, _, _ in gaps if g >= b) / 1e3 for b in IDLE_BUCKETS_US
+        },
+        "longest": [
+            [round(g / 1e3, 3), a[:120], b[:120]] for g, a, b in sorted(gaps, reverse=True)[:top]
+        ],
     }
 
 

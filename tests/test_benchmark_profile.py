@@ -99,3 +99,24 @@ def test_plot_stacks_each_engines_categories():
     data = {"config": "c", "gpu": "g", "workloads": {"prefill_mix": {"engines": engines}}}
     fig = profile_e2e.plot(data)
     assert fig.axes[0].get_title() == "prefill_mix, c, g"
+
+
+def test_idle_gaps_separate_launch_overhead_from_a_stall():
+    from det_backend.demo import idle_gaps
+
+    # Overlapping work (two streams), gaps of 50 us, 200 us and a 0.5 s stall, given unsorted.
+    spans = [
+        (0.0, 100.0, "a"),
+        (50.0, 300.0, "b"),  # overlaps a: busy 0-300
+        (350.0, 400.0, "c"),  # 50 us after b
+        (600.0, 700.0, "d"),  # 200 us after c
+        (500_700.0, 500_800.0, "jit"),  # 0.5 s after d
+    ]
+    idle = idle_gaps(list(reversed(spans)))
+    assert idle["busy_ms"] == pytest.approx(0.55)
+    assert idle["idle_ms"] == pytest.approx(500.25)
+    by_size = idle["idle_ms_in_gaps_of_at_least_us"]
+    assert by_size == pytest.approx({"100": 500.2, "1000": 500.0, "100000": 500.0})
+    assert idle["longest"][0] == [500.0, "d", "jit"]
+    assert [g[0] for g in idle["longest"]] == [500.0, 0.2, 0.05]
+    assert idle_gaps([])["idle_ms"] == 0.0
