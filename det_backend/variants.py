@@ -181,14 +181,20 @@ def model_layer_features(model_config, cache_dtype: str = "auto") -> dict:
     )
 
 
-def default_for(features: dict) -> tuple[str, list[str]]:
+def default_for(features: dict, tp_invariant: bool = False) -> tuple[str, list[str]]:
     """The variant for DET_BACKEND_ATTENTION unset: the first of AUTO_ORDER with no platform or
     layer problem for these features (model_layer_features), else triton, whose own checks
     then refuse what it cannot carry. Returns it and why each variant before it was passed
-    over."""
+    over. tp_invariant (DET_BACKEND_TP_INVARIANT=1): triton, the only variant TP=1 = TP=2 has
+    been tested with (det_backend/TP_INVARIANCE.md)."""
     passed_over = []
     for variant in AUTO_ORDER:
         reasons = platform_problems(variant) + layer_problems(variant, **features)
+        if tp_invariant and variant != "triton":
+            reasons.append(
+                f"attention variant {variant}: TP-size invariance (DET_BACKEND_TP_INVARIANT=1) "
+                "is tested with triton only"
+            )
         if not reasons or variant == AUTO_ORDER[-1]:
             return variant, passed_over
         passed_over += reasons
@@ -201,8 +207,10 @@ def export_default(vllm_config) -> str | None:
     pick, or None when the variable was set (an unknown value is refused by the workers)."""
     if os.environ.get(ENV_VAR, "").strip():
         return None
+    from .patches import row_parallel
+
     features = model_layer_features(vllm_config.model_config, vllm_config.cache_config.cache_dtype)
-    variant, passed_over = default_for(features)
+    variant, passed_over = default_for(features, tp_invariant=row_parallel.requested())
     os.environ[ENV_VAR] = variant
     from vllm.logger import init_logger
 

@@ -279,6 +279,13 @@ def test_unset_default_passes_fa3_over_for_features_it_refuses(
     assert any(f"fa3: {feature}" in r for r in passed_over), passed_over
 
 
+def test_tp_invariant_mode_keeps_the_default_on_triton(tmp_path, fa3_runs_here):
+    features = variants.model_layer_features(_model_config(tmp_path, "llama-3-8b"))
+    variant, passed_over = variants.default_for(features, tp_invariant=True)
+    assert variant == "triton"
+    assert any("DET_BACKEND_TP_INVARIANT=1" in r for r in passed_over), passed_over
+
+
 def test_softcap_alone_keeps_fa3(fa3_runs_here):
     features = variants.model_layer_features(_fake_model_config(attn_logit_softcapping=50.0))
     assert variants.default_for(features) == ("fa3", [])
