@@ -42,6 +42,17 @@ def _run_engine(backend: str, tp: int, model_dir: str, plan: Path, out: Path, ve
     return json.loads(out.read_text())["main"]
 
 
+def allreduce_mode_of(backend: str, tensor_parallel_size: int) -> str | None:
+    """The all-reduce mode a det engine of the demo runs at this size (its own
+    DET_BACKEND_TP_ALLREDUCE, else this process's, else the size's default); None for an
+    engine that is not ours. Recorded with each run, so a result says which mode it measured."""
+    from .patches.tensor_parallel import ALLREDUCE_ENV, allreduce_mode
+
+    if demo.BACKENDS[backend]["attention_backend"] != "CUSTOM":
+        return None
+    return demo.BACKENDS[backend]["env"].get(ALLREDUCE_ENV) or allreduce_mode(tensor_parallel_size)
+
+
 def compare_tp(
     config: str = "small",
     tensor_parallel_size: int = 2,
@@ -87,7 +98,13 @@ def compare_tp(
                     print(f"== {backend}: {e}", flush=True)
                     result.setdefault("failed", {})[f"{backend}#{i}"] = str(e)
                     break
-                result["runs"].append({**demo.summarize(run), "backend": f"{backend}#{i}"})
+                result["runs"].append(
+                    {
+                        **demo.summarize(run),
+                        "backend": f"{backend}#{i}",
+                        "tp_allreduce_mode": allreduce_mode_of(backend, tensor_parallel_size),
+                    }
+                )
                 batches.append(run["batch"])
             if len(batches) > 1:
                 result["identical_across_runs"][backend] = sum(

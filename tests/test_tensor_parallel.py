@@ -393,3 +393,14 @@ def test_two_rank_all_reduce_paths_round_alike(dtype, bits, max_gap):
     assert torch.equal(b.float().add(a.float()).to(dtype), once)  # either rank's order
     control = torch.from_numpy(round_to(round_to(exact, bits + 2), bits)).to(dtype)
     assert not torch.equal(control, once)
+
+
+def test_tp_demo_records_each_engines_all_reduce_mode(clean_env):
+    from det_backend.tp_demo import allreduce_mode_of
+
+    assert allreduce_mode_of("det", 2) == "two-rank"  # the unset default at TP=2
+    assert allreduce_mode_of("det_nccl", 2) == "nccl"
+    assert allreduce_mode_of("det_two_rank", 2) == "two-rank"
+    assert allreduce_mode_of("default", 2) is None
+    os.environ[ALLREDUCE_ENV] = "nccl"  # this process's setting reaches the det engine
+    assert allreduce_mode_of("det", 2) == "nccl"
