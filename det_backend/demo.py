@@ -227,6 +227,8 @@ def engine_worker(args: argparse.Namespace) -> None:
     import vllm
     from vllm import LLM, SamplingParams, TokensPrompt
 
+    from det_backend.variants import requested as requested_variant
+
     plan = json.loads(Path(args.plan).read_text())
     kwargs = dict(
         model=args.model_dir,
@@ -308,7 +310,7 @@ def engine_worker(args: argparse.Namespace) -> None:
             "batch2": batch2,
             "alone": alone,
             # Ours: the variant the engine ran (set by the engine build when it was unset).
-            "attention_variant": os.environ.get("DET_BACKEND_ATTENTION"),
+            "attention_variant": requested_variant(),
             "gpu": torch.cuda.get_device_name(),
             "vllm": vllm.__version__,
             "preemptions": _preemptions(llm) if plan.get("num_gpu_blocks_override") else None,

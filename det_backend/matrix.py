@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import subprocess
 import sys
@@ -313,7 +312,7 @@ def run_matrix(
         # The det servers inherit DET_BACKEND_ATTENTION from this process; unset, each server
         # picks the default for its model (variants.default_for: fa3 on Hopper where the
         # model allows) and logs it.
-        "attention_variant": os.environ.get(variants.ENV_VAR, "").strip().lower() or "unset",
+        "attention_variant": variants.requested() or "unset",
     }
 
     def save() -> None:

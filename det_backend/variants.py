@@ -77,9 +77,14 @@ REFUSED_FEATURES = {
 AUTO_ORDER = ("fa3", "triton")
 
 
+def requested() -> str | None:
+    """DET_BACKEND_ATTENTION as set, normalised; None when unset or empty."""
+    return os.environ.get(ENV_VAR, "").strip().lower() or None
+
+
 def read_variant() -> str:
     """The variant named by DET_BACKEND_ATTENTION, normalised; may be unknown (see problems)."""
-    return os.environ.get(ENV_VAR, "").strip().lower() or DEFAULT
+    return requested() or DEFAULT
 
 
 def head_sizes(variant: str) -> tuple[int, ...]:
@@ -205,7 +210,7 @@ def export_default(vllm_config) -> str | None:
     """With DET_BACKEND_ATTENTION unset, picks the variant for this engine (default_for) and
     sets it in os.environ, which the engine processes started afterwards inherit. Returns the
     pick, or None when the variable was set (an unknown value is refused by the workers)."""
-    if os.environ.get(ENV_VAR, "").strip():
+    if requested():
         return None
     from .patches import row_parallel
 

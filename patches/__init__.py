@@ -8,7 +8,8 @@
   all-reduce off, except at TP=2 by default ("two-rank": two addends give one rounded sum
   whatever the path) (applied by register(): NCCL reads its environment before any worker
   builds the model); its problems() checks, in the worker, that only the allowed all-reduce
-  paths are live.
+  paths are live. The same wrapper fills in the attention variant when DET_BACKEND_ATTENTION
+  is unset (det_backend/variants.py export_default), at any TP size.
 - custom_ops: adds torch.ops.det_backend.{linear, rms_norm, fused_add_rms_norm}, so
   torch.compile keeps our kernels whole.
 - linear: layers.linear.UnquantizedLinearMethod.apply (cuBLAS split-K depends on M).
