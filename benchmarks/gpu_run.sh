@@ -8,6 +8,7 @@
 #                                         FlashInfer's FA2 prefill kernels with nvcc (minutes)
 #                                         unless .flashinfer_aot_sm90 is carried (see below)
 #   bash benchmarks/gpu_run.sh e2e        end-to-end engine test (+ e2e.json)
+#   bash benchmarks/gpu_run.sh tma-probe  TMA matmul forms, each in its own process (tma_probe.json)
 #   bash benchmarks/gpu_run.sh smoke      the demo on the small model (16 prompts)
 #   bash benchmarks/gpu_run.sh gemm-sweep every candidate tile at every point (gemm_sweep.json);
 #                                         not the TMA kind unless GEMM_ARGS has --kinds: first
@@ -181,6 +182,14 @@ if [[ $what == *" e2e "* || $what == *" all "* ]]; then
     | tee "$OUT/e2e.log" | grep -v -E '^\s*$' | tail -60
   rc=$(( rc | ${PIPESTATUS[0]} ))
   after_mode e2e
+fi
+if [[ $what == *" tma-probe "* ]]; then
+  # Forms of a TMA matmul, one process each with a time limit, every step logged (why the
+  # "tma_persistent" kind never finished on a GPU; TMA_PROBE_ARGS: e.g. --forms grid,noflat).
+  python3 "$REPO/benchmarks/tma_probe.py" ${TMA_PROBE_ARGS:-} --out "$OUT/tma_probe.json" \
+    2>&1 | tee "$OUT/tma_probe.log" | tail -40
+  rc=$(( rc | ${PIPESTATUS[0]} ))
+  after_mode tma-probe
 fi
 if [[ $what == *" gemm-sweep "* ]]; then
   # GEMM_ARGS: more gemm.py arguments, e.g. --layers llama-3-8b:o,llama-3-8b:down (one call
