@@ -140,6 +140,7 @@ def run(
     eager: bool = False,
     min_m: int = 1,
     kinds: tuple[str, ...] = SWEEP_KINDS,
+    split_ks: tuple[int, ...] | None = None,
 ) -> dict:
     import torch
     from det_backend.kernels.matmul import (
@@ -183,7 +184,13 @@ def run(
             point["speedup_vs_cublas"] = point["cublas_ms"] / point["ours_ms"]
             point["tflops"] = 2 * m * n * k / (point["ours_ms"] * 1e-3) / 1e12
             if sweep:
-                fits = [c for c in MATMUL_CANDIDATES if sweep_fits(c, m) and c.kind in kinds]
+                fits = [
+                    c
+                    for c in MATMUL_CANDIDATES
+                    if sweep_fits(c, m)
+                    and c.kind in kinds
+                    and (split_ks is None or c.split_k in split_ks)
+                ]
                 point["candidate_wall_s"] = {}
                 point["candidates"] = sweep_point(
                     x, w, ours, fits, timer, point["candidate_wall_s"]
@@ -249,6 +256,9 @@ def _add_args(parser) -> None:
         default=",".join(SWEEP_KINDS),
         help="comma-separated candidate kinds for --sweep (plain, split_k, tma_persistent)",
     )
+    # --split-ks 1: only the sums the tables already use (every table is split_k = 1), e.g.
+    # to re-sweep the large M of each table without the other split_k's candidates.
+    parser.add_argument("--split-ks", help="comma-separated split_k values for --sweep")
     parser.add_argument("--eager", action="store_true", help="time plain launches, not graphs")
     parser.add_argument(
         "--layers",
@@ -269,7 +279,14 @@ if __name__ == "__main__":
         __doc__,
         "gemm.json",
         lambda a: run(
-            a.sweep, a.max_m, a.layers, Path(a.out), a.eager, a.min_m, tuple(a.kinds.split(","))
+            a.sweep,
+            a.max_m,
+            a.layers,
+            Path(a.out),
+            a.eager,
+            a.min_m,
+            tuple(a.kinds.split(",")),
+            tuple(int(s) for s in a.split_ks.split(",")) if a.split_ks else None,
         ),
         plot,
         _summary,
