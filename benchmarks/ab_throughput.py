@@ -23,7 +23,9 @@ from pathlib import Path
 from det_backend.demo import BACKENDS as ENGINES
 from det_backend.demo import run_backends, vocab_size, workload
 
-BACKENDS = ("default", "vllm_batch_invariant", "det")
+# det_unset: det_backend as `vllm serve --attention-backend CUSTOM` starts it (the attention
+# variant picked at engine build: fa3 on Hopper for Llama). `det` pins the triton variant.
+BACKENDS = ("default", "vllm_batch_invariant", "det_unset")
 LABELS = {
     "default": "vLLM default",
     "vllm_batch_invariant": "VLLM_BATCH_INVARIANT=1",
@@ -201,11 +203,22 @@ def summarize_ab(
         summary["workloads"][name] = entry
         summary["gpu"], summary["vllm"] = w["runs"][0]["gpu"], w["runs"][0]["vllm"]
         lines.append(", ".join(line))
-    # The headline fields: the first (prefill_mix) workload.
+    # The headline fields: the first (prefill_mix) workload; det's are those of the
+    # engine users get (det_unset) where it ran, else the triton-pinned `det`.
     head = summary["workloads"].get(names[0], {})
-    for key in ("default_tok_s", "vllm_batch_invariant_tok_s", "det_tok_s", "identical_fraction"):
-        if key in head:
-            summary[key] = head[key]
+    det = "det_unset" if "det_unset_tok_s" in head else "det"
+    pre = "" if det == "det" else f"{det}_"
+    fields = {
+        "default_tok_s": "default_tok_s",
+        "vllm_batch_invariant_tok_s": "vllm_batch_invariant_tok_s",
+        "det_tok_s": f"{det}_tok_s",
+        "identical_fraction": f"{pre}identical_fraction",
+    }
+    for key, source in fields.items():
+        if source in head:
+            summary[key] = head[source]
+    if f"{det}_tok_s" in head:
+        summary["det_engine"] = det
     return summary, lines
 
 

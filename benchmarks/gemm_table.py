@@ -1,6 +1,11 @@
 """MATMUL_TABLE (kernels/matmul.py) from `benchmarks/gemm.py --sweep` results; no GPU needed.
 
     python benchmarks/gemm_table.py sweep.json [part2.json ...]
+    python benchmarks/gemm_table.py --keep-below 128 large_m_sweep.json   # re-sweep of large M
+
+--keep-below M: the sweep covers only M >= some M0 (gemm.py --min-m); each shape keeps the
+entries of its current MATMUL_TABLE that serve only M < M (max_m < M), and the swept entries
+follow. Both must use one split_k (checked).
 
 Per weight shape: for each split_k, the fastest bit-checked candidate at every swept M; the
 split_k whose per-M best times have the smallest geometric mean wins (one split_k per shape
@@ -64,17 +69,31 @@ def config_source(max_m: int, cfg: tuple) -> str:
     tail = list(cfg[6:])
     while tail and tail[-1] == _DEFAULTS[len(tail) - 1]:
         tail.pop()
-    args = ["_ANY_M" if max_m >= 2**62 else str(max_m), *map(repr, cfg[:6]), *map(repr, tail)]
+    # Double quotes, as ruff formats the table in kernels/matmul.py.
+    values = [repr(v).replace("'", '"') for v in (*cfg[:6], *tail)]
+    args = ["_ANY_M" if max_m >= 2**62 else str(max_m), *values]
     return f"        MatmulConfig({', '.join(args)}),"
 
 
-def table_source(points: list[dict]) -> tuple[str, list[str]]:
+def kept_entries(n: int, k: int, below: int) -> list[tuple[int, tuple]]:
+    """The current MATMUL_TABLE entries of (n, k) that serve only M < below."""
+    from det_backend.kernels.matmul import MATMUL_TABLE
+
+    return [(c.max_m, tuple(c)[1:]) for c in MATMUL_TABLE.get((n, k), ()) if c.max_m < below]
+
+
+def table_source(points: list[dict], keep_below: int = 0) -> tuple[str, list[str]]:
     shapes: dict[tuple, list[dict]] = {}
     for p in points:
         shapes.setdefault((p["model"], p["layer"], p["N"], p["K"]), []).append(p)
     lines, report = ["MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {"], []
     for (model, layer, n, k), pts in shapes.items():
         split_k, entries, ms = choose(pts)
+        if keep_below:
+            kept = kept_entries(n, k, keep_below)
+            if any(cfg[7] != split_k for _, cfg in kept):
+                raise ValueError(f"{model} {layer}: kept entries and the sweep's split_k differ")
+            entries = kept + entries
         lines += [f"    # {model} {layer}", f"    ({n}, {k}): ("]
         lines += [config_source(max_m, cfg) for max_m, cfg in entries]
         lines.append("    ),")
@@ -93,9 +112,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("sweeps", nargs="+", type=Path)
+    parser.add_argument("--keep-below", type=int, default=0)
     args = parser.parse_args()
     points = [p for f in args.sweeps for p in json.loads(f.read_text())["points"]]
-    source, report = table_source(points)
+    source, report = table_source(points, args.keep_below)
     print(source)
     print("\n".join(report))
 

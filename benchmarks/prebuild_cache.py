@@ -160,6 +160,11 @@ def gemm_launches(layers: str | None, sweep: bool, max_m: int):
         for m in (m for m in M_VALUES if m <= max_m):
             x = x_all[:m]
             yield f"{model}:{layer} M={m}", lambda x=x, w=w: matmul(x, w)
+            if not sweep and m > 1:
+                # An engine's M is any number (prefill chunks): M = m - 1 is the other
+                # specialization of the same table entry (M not a multiple of 16, or 1).
+                x = x_all[: m - 1]
+                yield f"{model}:{layer} M={m - 1}", lambda x=x, w=w: matmul(x, w)
             if sweep:
                 for cfg in (c for c in MATMUL_CANDIDATES if sweep_fits(c, m)):
                     yield (

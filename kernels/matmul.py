@@ -79,9 +79,10 @@ _SMEM_BUDGET_BYTES = 192 * 1024
 _K_CHUNK_MULTIPLE = 256
 
 # The tile tables are per GPU family. MATMUL_TABLE is the sm_90 (H100/H200) family's: per
-# weight shape (N, K), the fastest config at each M of the H200 sweep; it may name the
-# "tma_persistent" kind, which needs sm_90. Other GPUs (and the CPU interpreter) use
-# MATMUL_CONFIGS for every shape: tables measured on one family say nothing about another.
+# weight shape (N, K), the fastest config at each M: M < 128 from the H200 sweep, M >= 128 from
+# the H100 re-sweep with the TMA kind ("tma_persistent", sm_90 only; `gemm_table.py
+# --keep-below 128`, results gemm_sweep_tma_*_h100.json). Other GPUs (and the CPU interpreter)
+# use MATMUL_CONFIGS for every shape: tables measured on one family say nothing about another.
 # Every config of every table gives the same bits as every other with the same split_k (the
 # sweep checks it at every point; tests/test_matmul.py checks all_configs()), and all entries
 # of one shape share one split_k (tests check it), so a table only moves time.
@@ -95,10 +96,10 @@ MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {
         MatmulConfig(32, 16, 64, 256, 8, 4, 3),
         MatmulConfig(64, 64, 64, 128, 8, 4, 4),
         MatmulConfig(128, 64, 128, 128, 8, 4, 3),
-        MatmulConfig(256, 128, 128, 128, 8, 8, 3),
-        MatmulConfig(512, 128, 128, 64, 8, 8, 3),
-        MatmulConfig(2048, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(256, 128, 128, 128, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(512, 128, 256, 64, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(1024, 128, 128, 64, 8, 4, 4, "tma_persistent"),
+        MatmulConfig(_ANY_M, 128, 256, 64, 8, 8, 3, "tma_persistent"),
     ),
     # llama-3-8b o
     (4096, 4096): (
@@ -107,9 +108,8 @@ MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {
         MatmulConfig(32, 16, 64, 256, 8, 4, 3),
         MatmulConfig(128, 64, 64, 128, 8, 4, 4),
         MatmulConfig(256, 64, 128, 128, 8, 4, 3),
-        MatmulConfig(512, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(1024, 128, 128, 64, 8, 8, 3),
-        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(512, 128, 128, 128, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(_ANY_M, 128, 256, 64, 8, 8, 3, "tma_persistent"),
     ),
     # llama-3-8b gate_up
     (28672, 4096): (
@@ -118,10 +118,10 @@ MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {
         MatmulConfig(16, 16, 128, 128, 8, 4, 4),
         MatmulConfig(32, 32, 128, 128, 8, 4, 3),
         MatmulConfig(64, 64, 128, 128, 8, 4, 3),
-        MatmulConfig(128, 128, 128, 64, 8, 8, 3),
-        MatmulConfig(256, 256, 128, 64, 8, 8, 3),
-        MatmulConfig(1024, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(128, 128, 128, 128, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(2048, 128, 256, 64, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(4096, 128, 128, 64, 8, 4, 4, "tma_persistent"),
+        MatmulConfig(_ANY_M, 128, 256, 64, 8, 8, 3, "tma_persistent"),
     ),
     # llama-3-8b down
     (4096, 14336): (
@@ -130,9 +130,10 @@ MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {
         MatmulConfig(32, 16, 64, 256, 8, 4, 3),
         MatmulConfig(128, 64, 64, 128, 8, 4, 4),
         MatmulConfig(256, 64, 128, 128, 8, 4, 3),
-        MatmulConfig(1024, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(2048, 256, 128, 64, 8, 8, 3),
-        MatmulConfig(_ANY_M, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(512, 128, 128, 64, 8, 4, 4, "tma_persistent"),
+        MatmulConfig(2048, 128, 256, 64, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(4096, 128, 128, 64, 8, 4, 4, "tma_persistent"),
+        MatmulConfig(_ANY_M, 128, 256, 64, 8, 8, 3, "tma_persistent"),
     ),
     # llama-3-8b lm_head
     (128256, 4096): (
@@ -141,10 +142,10 @@ MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {
         MatmulConfig(16, 16, 64, 128, 8, 4, 4),
         MatmulConfig(32, 32, 128, 128, 8, 4, 3),
         MatmulConfig(64, 64, 128, 64, 8, 4, 4),
-        MatmulConfig(256, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(512, 256, 128, 64, 8, 8, 3),
-        MatmulConfig(1024, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(128, 128, 128, 128, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(1024, 128, 256, 64, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(4096, 128, 128, 64, 8, 4, 4, "tma_persistent"),
+        MatmulConfig(_ANY_M, 128, 256, 64, 8, 8, 3, "tma_persistent"),
     ),
     # qwen3-32b qkv
     (10240, 5120): (
@@ -154,11 +155,11 @@ MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {
         MatmulConfig(16, 16, 32, 256, 8, 4, 3),
         MatmulConfig(32, 16, 64, 128, 8, 4, 4),
         MatmulConfig(64, 64, 128, 128, 8, 4, 3),
-        MatmulConfig(128, 128, 128, 128, 8, 8, 3),
-        MatmulConfig(256, 128, 128, 64, 8, 8, 3),
-        MatmulConfig(1024, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(4096, 256, 128, 64, 8, 8, 3),
-        MatmulConfig(_ANY_M, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(128, 128, 128, 128, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(256, 128, 256, 64, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(1024, 128, 128, 64, 8, 4, 4, "tma_persistent"),
+        MatmulConfig(4096, 256, 128, 64, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(_ANY_M, 128, 128, 64, 8, 4, 4, "tma_persistent"),
     ),
     # qwen3-32b o
     (5120, 8192): (
@@ -166,10 +167,10 @@ MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {
         MatmulConfig(32, 16, 32, 256, 8, 4, 3),
         MatmulConfig(64, 64, 64, 128, 8, 4, 4),
         MatmulConfig(128, 64, 128, 128, 8, 4, 3),
-        MatmulConfig(256, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(512, 128, 128, 64, 8, 8, 3),
-        MatmulConfig(2048, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(256, 128, 128, 128, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(512, 128, 256, 64, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(2048, 128, 128, 64, 8, 4, 4, "tma_persistent"),
+        MatmulConfig(_ANY_M, 128, 256, 64, 8, 8, 3, "tma_persistent"),
     ),
     # qwen3-32b gate_up
     (51200, 5120): (
@@ -179,10 +180,10 @@ MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {
         MatmulConfig(32, 32, 128, 128, 8, 4, 3),
         MatmulConfig(64, 64, 128, 64, 8, 4, 4),
         MatmulConfig(128, 128, 128, 64, 8, 8, 3),
-        MatmulConfig(1024, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(2048, 256, 128, 64, 8, 8, 3),
-        MatmulConfig(4096, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(_ANY_M, 256, 128, 64, 8, 8, 3),
+        MatmulConfig(256, 128, 128, 128, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(2048, 128, 256, 64, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(4096, 256, 128, 64, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(_ANY_M, 128, 256, 64, 8, 8, 3, "tma_persistent"),
     ),
     # qwen3-32b down
     (5120, 25600): (
@@ -190,11 +191,10 @@ MATMUL_TABLE: dict[tuple[int, int], tuple[MatmulConfig, ...]] = {
         MatmulConfig(32, 32, 64, 128, 8, 4, 4),
         MatmulConfig(64, 64, 64, 128, 8, 4, 4),
         MatmulConfig(128, 64, 128, 128, 8, 4, 3),
-        MatmulConfig(256, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(512, 256, 128, 64, 8, 8, 3),
-        MatmulConfig(2048, 128, 128, 64, 8, 4, 4),
-        MatmulConfig(4096, 256, 128, 64, 8, 8, 3),
-        MatmulConfig(_ANY_M, 128, 128, 64, 8, 4, 4),
+        MatmulConfig(256, 128, 128, 64, 8, 4, 4, "tma_persistent"),
+        MatmulConfig(512, 128, 256, 64, 8, 8, 3, "tma_persistent"),
+        MatmulConfig(2048, 128, 128, 64, 8, 4, 4, "tma_persistent"),
+        MatmulConfig(_ANY_M, 128, 256, 64, 8, 8, 3, "tma_persistent"),
     ),
 }
 
@@ -627,10 +627,14 @@ def _check_config(config: MatmulConfig, x: torch.Tensor) -> None:
         )
 
 
-def _check_tma_operand(t: torch.Tensor, name: str) -> None:
+def _tma_fits(t: torch.Tensor) -> bool:
     # TMA reads rows of a 16-byte aligned base, with a unit inner stride and 16-byte row pitch.
     row_bytes = t.stride(0) * t.element_size()
-    if t.stride(1) != 1 or row_bytes % 16 or t.data_ptr() % 16 or t.shape[1] == 0:
+    return not (t.stride(1) != 1 or row_bytes % 16 or t.data_ptr() % 16 or t.shape[1] == 0)
+
+
+def _check_tma_operand(t: torch.Tensor, name: str) -> None:
+    if not _tma_fits(t):
         raise ValueError(
             f"det_backend: matmul kind 'tma_persistent' needs {name} with unit column stride, "
             f"rows 16-byte aligned and K > 0; got shape {tuple(t.shape)}, strides {t.stride()}, "
@@ -768,6 +772,10 @@ def matmul(
     if M == 0 or N == 0:
         return y
     cfg = config_for(M, N, K, gpu_family(x.device), full_k) if config is None else config
+    if config is None and cfg.kind == "tma_persistent" and not (_tma_fits(x) and _tma_fits(weight)):
+        # A layout TMA cannot read (an unaligned view): the plain kernel with the same tile
+        # and split_k, which gives the same bits (every config of a split_k does: tested).
+        cfg = cfg._replace(kind="plain")
     _check_config(cfg, x)
     if cfg.kind == "tma_persistent":
         _launch_tma(x, weight, bias, y, cfg)

@@ -100,6 +100,46 @@ def test_ab_throughput_backends_and_fields(monkeypatch, tmp_path):
     assert out.with_suffix(".png").exists()
 
 
+def test_ab_throughput_headline_is_the_unset_engine_where_it_ran(monkeypatch, tmp_path):
+    """The default engines: vLLM's, VLLM_BATCH_INVARIANT and det_backend as users start it
+    (det_unset); the headline det_tok_s / identical_fraction are det_unset's, named."""
+    import json
+
+    ab = pytest.importorskip("ab_throughput")
+    assert ab.parse_backends(",".join(ab.BACKENDS)) == (
+        "default",
+        "vllm_batch_invariant",
+        "det_unset",
+    )
+    speeds = {"default": 100.0, "vllm_batch_invariant": 70.0, "det_unset": 97.0, "det": 80.0}
+
+    def fake_run_backends(config, workloads, backends, alone_backends, tensor_parallel_size, **kw):
+        return {
+            "workloads": {
+                w["name"]: {
+                    "num_prompts": len(w["prompts"]),
+                    "max_tokens": w["max_tokens"],
+                    "prompt_lengths": w["prompt_lengths"],
+                    "runs": [
+                        _fake_run(b, speeds[b], 4 if b in alone_backends else 0) for b in backends
+                    ],
+                }
+                for w in workloads
+            }
+        }
+
+    monkeypatch.setattr(ab, "run_backends", fake_run_backends)
+    monkeypatch.setattr(ab, "vocab_size", lambda config: 1000)
+    for backends, det in ((None, "det_unset"), ("det,det_unset", "det_unset"), ("det", "det")):
+        out = tmp_path / f"ab_{det}_{backends}.json"
+        argv = ["ab", "--out", str(out), *(("--backends", backends) if backends else ())]
+        monkeypatch.setattr(sys, "argv", argv)
+        ab.main()
+        data = json.loads(out.read_text())
+        assert data["det_engine"] == det and data["det_tok_s"] == speeds[det]
+        assert data["identical_fraction"] == 1.0
+
+
 def test_ab_throughput_keeps_what_ran_when_an_engine_fails(monkeypatch, tmp_path):
     """vLLM's default engine failing (as at TP=2 on the lent hosts): the JSON still has det's
     tok/s and invariance counts, names the failed engine, has no ratio, and the run exits

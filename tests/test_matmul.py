@@ -54,25 +54,13 @@ MIN_BLOCK_K = min(c.block_k for c in ALL_CONFIGS)
 SPLIT_CONFIGS = [c for c in ALL_CONFIGS if c.split_k > 1]
 # One config of each kind and split_k, for the tests that loop over a handful.
 ONE_PER_KIND = list({(c.kind, c.split_k, c.warp_specialize): c for c in ALL_CONFIGS}.values())
-# GPU tests run the TMA kind only in a process of its own with a time limit
-# (test_matmul_tma_config_finishes_and_matches_plain_gpu): both GPU runs that reached it, the
-# kernel tests on an H200 (stopped in the first test with every config, after 19 passed) and a
-# sweep on an H100 (never ended its first point), went on for minutes, and a kernel that does
-# not end stops every test after it. No table holds a TMA config.
+# The TMA kind also runs once per config in a process of its own with a time limit
+# (test_matmul_tma_config_finishes_and_matches_plain_gpu), first among the GPU tests that use
+# it: earlier GPU runs that reached the kind (then with warp-specialized candidates, since
+# removed) went on for minutes, and a kernel that does not end stops every test after it. On
+# an H100 (2026-11-26, benchmarks/results/tma_probe_h100.json) every TMA config ended and
+# matched the plain kernel; the sm_90 table names it from M = 128 up.
 TMA_CONFIGS = [c for c in ALL_CONFIGS if c.kind == "tma_persistent"]
-GPU_CONFIGS = [c for c in ALL_CONFIGS if c.kind != "tma_persistent"]
-GPU_ONE_PER_KIND = [c for c in ONE_PER_KIND if c.kind != "tma_persistent"]
-
-
-def in_process(configs, device: str) -> list[MatmulConfig]:
-    """configs a test may launch in this process: all on the CPU (the interpreter), none of
-    the TMA kind on the GPU (see above)."""
-    return list(configs) if device == "cpu" else [c for c in configs if c in GPU_CONFIGS]
-
-
-def skip_tma_on_gpu(config: MatmulConfig, device: str) -> None:
-    if device != "cpu" and config.kind == "tma_persistent":
-        pytest.skip("TMA on the GPU runs in its own process (test_matmul_tma_config_finishes...)")
 
 
 def config_id(c: MatmulConfig) -> str:
@@ -121,6 +109,43 @@ def assert_row_invariant_in_padded_batches(x, weight, pads, seed) -> None:
         assert torch.equal(matmul(batch, weight)[pad // 2], alone), f"padded batch of {pad}"
 
 
+# One TMA config per process: it must end within the limit (or the test fails, naming it, and
+# the next one runs) and give the bits of the plain config of its split_k, at a ragged shape
+# (M, N, K tails: TMA pads with zeros) and at Llama-3-8B's gate_up with M = 512 (where the
+# H100 sweep stopped). The first call loads or compiles the kernel: the limit allows for it.
+TMA_CHECK = """
+import sys, torch
+from det_backend.kernels.matmul import MatmulConfig, all_configs, matmul
+cfg = MatmulConfig(*eval(sys.argv[1]))
+plain = next(c for c in all_configs()[cfg.split_k] if c.kind == "plain")
+g = torch.Generator(device="cuda").manual_seed(70)
+for m, n, k in ((300, 1000, 1000), (512, 28672, 4096)):
+    x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+    y = matmul(x, w, config=cfg)
+    torch.cuda.synchronize()
+    assert torch.equal(y, matmul(x, w, config=plain)), (m, n, k)
+print("TMA OK")
+"""
+TMA_LIMIT_S = 60
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", TMA_CONFIGS, ids=config_id)
+def test_matmul_tma_config_finishes_and_matches_plain_gpu(device, config):
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", TMA_CHECK, repr(tuple(config))],
+            capture_output=True, text=True, timeout=TMA_LIMIT_S,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{config} did not finish in {TMA_LIMIT_S} s (hang, or a compile that slow)")
+    assert "TMA OK" in done.stdout, done.stderr[-3000:]
+
+
 # CPU-sized tests (they also run on the GPU when there is one).
 
 
@@ -165,7 +190,6 @@ def test_matmul_batch_invariant_within_config(device, config):
     # Several K steps with a ragged tail (several chunks, the last empty for split_k = 4), one
     # forced config: rows never mix across the tile. Two column tiles: the persistent kernel
     # walks several tiles per program.
-    skip_tma_on_gpu(config, device)
     dtype, n = torch.float16, 200
     k = 3 * config.block_k + 8 if config.split_k == 1 else config.split_k * 256 + 40
     m = 2 * config.block_m + 3
@@ -183,8 +207,7 @@ def test_matmul_every_config_bitwise_equal(device, dtype, k, with_bias):
     x = randn(m, k, dtype=dtype, device=device, seed=8)
     w = randn(n, k, dtype=dtype, device=device, seed=9)
     bias = randn(n, dtype=dtype, device=device, seed=10) if with_bias else None
-    configs = in_process(ALL_CONFIGS, device)
-    assert_group_bitwise_equal({c: matmul(x, w, bias, config=c) for c in configs})
+    assert_group_bitwise_equal({c: matmul(x, w, bias, config=c) for c in ALL_CONFIGS})
 
 
 def test_matmul_reads_strided_inputs(device):
@@ -288,9 +311,9 @@ def test_matmul_split_k_kinds_bitwise_equal(device, dtype, k):
     x = randn(m, k, dtype=dtype, device=device, seed=40)
     w = randn(n, k, dtype=dtype, device=device, seed=41)
     bias = randn(n, dtype=dtype, device=device, seed=42)
-    configs = [c for c in in_process(ALL_CONFIGS, device) if c.block_k == 64]
+    configs = [c for c in ALL_CONFIGS if c.block_k == 64]
     outputs = {c: matmul(x, w, bias, config=c) for c in configs}
-    kinds = set(KINDS) if device == "cpu" else set(KINDS) - {"tma_persistent"}
+    kinds = set(KINDS)
     assert {c.kind for c in outputs if c.split_k > 1} == kinds
     for y in outputs.values():
         torch.testing.assert_close(y.double(), matmul_reference(x, w, bias), **tolerance(dtype, k))
@@ -319,7 +342,7 @@ def test_matmul_split_k_rows_equal_across_m(device, split_k):
     dtype, m, n, k = torch.float16, 150, 96, split_k * 256 + 40
     x = randn(m, k, dtype=dtype, device=device, seed=45)
     w = randn(n, k, dtype=dtype, device=device, seed=46)
-    group = [c for c in in_process(CONFIG_GROUPS[split_k], device) if c.block_k == 64]
+    group = [c for c in CONFIG_GROUPS[split_k] if c.block_k == 64]
     parallel = [c for c in group if c.kind == "split_k"]
     large = [c for c in group if c.kind != "split_k"]
     assert parallel and large
@@ -345,6 +368,23 @@ def test_matmul_tma_rejects_layouts_tma_cannot_read(device):
     x = randn(4, 24, dtype=torch.float16, device=device, seed=51)
     with pytest.raises(ValueError, match="tma_persistent"):  # base 2 bytes past 16-byte alignment
         matmul(x[:, 1:17], w, config=tma)
+
+
+def test_matmul_table_tma_entry_runs_plain_for_a_layout_tma_cannot_read(device, monkeypatch):
+    # The sm_90 table names TMA from M = 128; an operand TMA cannot read (here a view whose
+    # base is 2 bytes past 16-byte alignment) gets the plain kernel with the same tile, whose
+    # bits are the TMA kernel's (every config of a split_k gives the same). A forced TMA config
+    # still refuses it (above).
+    from det_backend.kernels import matmul as mm
+
+    tma = next(c for c in ALL_CONFIGS if c.kind == "tma_persistent" and c.split_k == 1)
+    monkeypatch.setattr(mm, "config_for", lambda *a, **k: tma)
+    w = randn(40, 16, dtype=torch.float16, device=device, seed=52)
+    x = randn(5, 24, dtype=torch.float16, device=device, seed=53)[:, 1:17]
+    y = mm.matmul(x, w)
+    assert torch.equal(y, mm.matmul(x, w, config=tma._replace(kind="plain")))
+    aligned = x.contiguous()
+    assert torch.equal(mm.matmul(aligned, w), y)  # TMA itself, on an aligned copy
 
 
 def test_tma_kind_is_refused_below_sm90_and_tables_follow_the_family(monkeypatch):
@@ -419,7 +459,7 @@ def test_matmul_ragged_every_config_gpu(device, dtype):
     m, n, k = 300, 1000, 1000
     x = randn(m, k, dtype=dtype, device=device, seed=25)
     w = randn(n, k, dtype=dtype, device=device, seed=26)
-    outputs = {c: matmul(x, w, config=c) for c in GPU_CONFIGS}
+    outputs = {c: matmul(x, w, config=c) for c in ALL_CONFIGS}
     for y in outputs.values():
         torch.testing.assert_close(y.double(), matmul_reference(x, w), **tolerance(dtype, k))
     assert_group_bitwise_equal(outputs)
@@ -453,7 +493,7 @@ def test_matmul_every_config_bitwise_equal_gpu(device, n, k):
     w = randn(n, k, dtype=torch.bfloat16, device=device, seed=34)
     bias = randn(n, dtype=torch.bfloat16, device=device, seed=35)
     for b in (None, bias):
-        assert_group_bitwise_equal({c: matmul(x, w, b, config=c) for c in GPU_CONFIGS})
+        assert_group_bitwise_equal({c: matmul(x, w, b, config=c) for c in ALL_CONFIGS})
 
 
 @pytest.mark.gpu
@@ -492,7 +532,7 @@ def test_matmul_cuda_graph_replay_bitwise_equal(device):
 @pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (6144, 4096)])  # o, down, qkv
 def test_matmul_split_k_rows_equal_across_m_gpu(device, n, k):
     # The small-N layers a split_k table would serve: parallel chunks at small M, in-program
-    # chunks (plain here; TMA in its own process) at large M, and row r the same bits at every M.
+    # chunks (plain and TMA) at large M, and row r the same bits at every M.
     x = randn(512, k, dtype=torch.bfloat16, device=device, seed=60)
     w = randn(n, k, dtype=torch.bfloat16, device=device, seed=61)
     bias = randn(n, dtype=torch.bfloat16, device=device, seed=62)
@@ -503,14 +543,14 @@ def test_matmul_split_k_rows_equal_across_m_gpu(device, n, k):
         torch.testing.assert_close(
             full.double(), matmul_reference(x, w, bias), **tolerance(torch.bfloat16, k)
         )
-        for c in (c for c in group if c in GPU_CONFIGS):
+        for c in group:
             ms = (1, 7, 16, 33, 64, 128) if c.kind == "split_k" else (128, 257, 512)
             for m in ms:
                 assert torch.equal(matmul(x[:m], w, bias, config=c), full[:m]), (c, m)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GPU_ONE_PER_KIND, ids=config_id)
+@pytest.mark.parametrize("config", ONE_PER_KIND, ids=config_id)
 def test_matmul_cuda_graph_replay_bitwise_equal_per_kind_gpu(device, config):
     # TMA descriptors and split-K partials are made on the host / allocated at capture; replay
     # must still give eager's bits, for the captured input and for new values in it.
@@ -530,7 +570,7 @@ def test_matmul_cuda_graph_replay_bitwise_equal_per_kind_gpu(device, config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GPU_ONE_PER_KIND, ids=config_id)
+@pytest.mark.parametrize("config", ONE_PER_KIND, ids=config_id)
 def test_matmul_launches_without_host_sync_gpu(device, config):
     # No kind may wait for the GPU on the host (it would break capture and stall decode).
     x = randn(256, 4096, dtype=torch.bfloat16, device=device, seed=67)
@@ -548,7 +588,6 @@ def test_matmul_tma_inside_torch_compile_gpu(device):
     # As patches/custom_ops.py registers it: an opaque custom op with a fake impl; compiled
     # code calls the launcher, which builds the TMA descriptors at every call.
     tma = next(c for c in ALL_CONFIGS if c.kind == "tma_persistent" and c.split_k == 1)
-    skip_tma_on_gpu(tma, device)
 
     @torch.library.custom_op("det_backend_test::tma_linear", mutates_args=())
     def tma_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -563,40 +602,3 @@ def test_matmul_tma_inside_torch_compile_gpu(device):
     for m in (128, 300):
         x = randn(m, 4096, dtype=torch.bfloat16, device=device, seed=70 + m)
         assert torch.equal(compiled(x, w), matmul(x, w, config=tma) * 2)
-
-
-# One TMA config per process: it must end within the limit (or the test fails, naming it, and
-# the next one runs) and give the bits of the plain config of its split_k, at a ragged shape
-# (M, N, K tails: TMA pads with zeros) and at Llama-3-8B's gate_up with M = 512 (where the
-# H100 sweep stopped). The first call loads or compiles the kernel: the limit allows for it.
-TMA_CHECK = """
-import sys, torch
-from det_backend.kernels.matmul import MatmulConfig, all_configs, matmul
-cfg = MatmulConfig(*eval(sys.argv[1]))
-plain = next(c for c in all_configs()[cfg.split_k] if c.kind == "plain")
-g = torch.Generator(device="cuda").manual_seed(70)
-for m, n, k in ((300, 1000, 1000), (512, 28672, 4096)):
-    x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
-    w = (torch.randn(n, k, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
-    y = matmul(x, w, config=cfg)
-    torch.cuda.synchronize()
-    assert torch.equal(y, matmul(x, w, config=plain)), (m, n, k)
-print("TMA OK")
-"""
-TMA_LIMIT_S = 60
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("config", TMA_CONFIGS, ids=config_id)
-def test_matmul_tma_config_finishes_and_matches_plain_gpu(device, config):
-    import subprocess
-    import sys
-
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", TMA_CHECK, repr(tuple(config))],
-            capture_output=True, text=True, timeout=TMA_LIMIT_S,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{config} did not finish in {TMA_LIMIT_S} s (hang, or a compile that slow)")
-    assert "TMA OK" in done.stdout, done.stderr[-3000:]
