@@ -96,6 +96,21 @@ def sweep_fits(config, m: int) -> bool:
     return True
 
 
+def parse_extra(text: str) -> tuple:
+    """--extra: ';'-separated configs, each block_m,block_n,block_k,group_m,warps,stages
+    [,kind[,split_k]] (max_m 0, as the candidates)."""
+    from det_backend.kernels.matmul import MatmulConfig
+
+    configs = []
+    for item in (t.strip() for t in text.split(";") if t.strip()):
+        parts = [p.strip() for p in item.split(",")]
+        ints = [int(p) for p in parts[:6]]
+        kind = parts[6] if len(parts) > 6 else "plain"
+        split_k = int(parts[7]) if len(parts) > 7 else 1
+        configs.append(MatmulConfig(0, *ints, kind, split_k))
+    return tuple(configs)
+
+
 def make_timer(eager: bool):
     """ms of fn: its CUDA-graph replay (what vLLM runs), or plain launches with `eager`."""
     return bench if eager else lambda fn: bench(graphed(fn))
@@ -141,6 +156,7 @@ def run(
     min_m: int = 1,
     kinds: tuple[str, ...] = SWEEP_KINDS,
     split_ks: tuple[int, ...] | None = None,
+    extra: tuple = (),
 ) -> dict:
     import torch
     from det_backend.kernels.matmul import (
@@ -186,7 +202,7 @@ def run(
             if sweep:
                 fits = [
                     c
-                    for c in MATMUL_CANDIDATES
+                    for c in (*MATMUL_CANDIDATES, *extra)
                     if sweep_fits(c, m)
                     and c.kind in kinds
                     and (split_ks is None or c.split_k in split_ks)
@@ -259,6 +275,11 @@ def _add_args(parser) -> None:
     # --split-ks 1: only the sums the tables already use (every table is split_k = 1), e.g.
     # to re-sweep the large M of each table without the other split_k's candidates.
     parser.add_argument("--split-ks", help="comma-separated split_k values for --sweep")
+    # --extra: configs not (yet) in MATMUL_CANDIDATES, e.g. "64,64,128,8,4,4,tma_persistent;
+    # 64,128,128,8,4,3" (block_m, block_n, block_k, group_m, warps, stages[, kind[, split_k]]).
+    # Exploration only: the sweep checks their bits at every point, and a config enters a table
+    # only through MATMUL_CANDIDATES or the table itself, which the tests span.
+    parser.add_argument("--extra", default="", help="more candidate configs for --sweep")
     parser.add_argument("--eager", action="store_true", help="time plain launches, not graphs")
     parser.add_argument(
         "--layers",
@@ -287,6 +308,7 @@ if __name__ == "__main__":
             a.min_m,
             tuple(a.kinds.split(",")),
             tuple(int(s) for s in a.split_ks.split(",")) if a.split_ks else None,
+            parse_extra(a.extra),
         ),
         plot,
         _summary,
