@@ -45,3 +45,47 @@ def test_plot_draws_one_panel_per_model(tmp_path):
     ]
     fig = gemm.plot({"points": points, "gpu": "test", "geomean_speedup_vs_cublas": 1.0})
     assert [ax.get_title() for ax in fig.axes] == ["llama-3-8b", "llama-3-8b-tp2"]
+
+
+def test_extra_candidates_parse_to_configs():
+    from det_backend.kernels.matmul import MatmulConfig
+
+    got = gemm.parse_extra(
+        "64,64,128,8,4,4,tma_persistent; 64,128,128,8,4,3 ;;128,128,64,8,8,3,plain,2"
+    )
+    assert got == (
+        MatmulConfig(0, 64, 64, 128, 8, 4, 4, "tma_persistent"),
+        MatmulConfig(0, 64, 128, 128, 8, 4, 3),
+        MatmulConfig(0, 128, 128, 64, 8, 8, 3, "plain", 2),
+    )
+    assert gemm.parse_extra("") == ()
+
+
+def test_keep_below_puts_the_current_small_m_entries_before_the_swept_ones():
+    # A sweep of M >= 128 only: each shape keeps its current MATMUL_TABLE entries with
+    # max_m < 128, then the swept ones, in the source form kernels/matmul.py holds.
+    from det_backend.kernels.matmul import MATMUL_TABLE, MatmulConfig
+
+    n, k = 4096, 4096
+    tma = "(128, 256, 64, 8, 8, 3, 'tma_persistent', 1, False)"
+    plain = "(64, 128, 128, 8, 4, 3, 'plain', 1, False)"
+    points = [
+        {"model": "m", "layer": "o", "N": n, "K": k, "M": m, "ours_ms": 1.0, "cublas_ms": 1.0,
+         "candidates": {tma: 2.0 if m == 128 else 0.5, plain: 1.0}}
+        for m in (128, 512)
+    ]  # fmt: skip
+    source, report = gemm_table.table_source(points, keep_below=128)
+    kept = [c for c in MATMUL_TABLE[(n, k)] if c.max_m < 128]
+    names = {"MatmulConfig": MatmulConfig, "_ANY_M": 2**62}
+    lines = [line.strip().rstrip(",") for line in source.splitlines()]
+    entries = [eval(line, names) for line in lines if line.startswith("MatmulConfig(")]
+    assert entries[: len(kept)] == kept
+    assert entries[len(kept) :] == [
+        MatmulConfig(128, 64, 128, 128, 8, 4, 3),
+        MatmulConfig(2**62, 128, 256, 64, 8, 8, 3, "tma_persistent"),
+    ]
+    assert '"tma_persistent"' in source and "'" not in source  # ruff's quotes
+    assert "split_k=1" in report[0]
+    split2 = {"(128, 128, 64, 8, 8, 3, 'plain', 2, False)": 0.1}
+    with pytest.raises(ValueError, match="split_k differ"):
+        gemm_table.table_source([{**p, "candidates": split2} for p in points], keep_below=128)

@@ -178,3 +178,18 @@ def test_export_packs_only_new_entries_stripped_and_merge_adds_missing_ones(tmp_
     pack.unlink()
     prebuild_cache.export_new(cache, mark, pack)
     assert not pack.exists()
+
+
+def test_gemm_launches_cover_each_table_entry_at_a_ragged_m_too():
+    # An engine's M is any number (prefill chunks): besides gemm.py's points, M - 1 (not a
+    # multiple of 16, or 1) is the other specialization of the same table entry.
+    prebuild = pytest.importorskip("prebuild_cache")
+    labels = [label for label, _ in prebuild.gemm_launches("llama-3-8b:o", False, 64)]
+    ms = [int(label.split("M=")[1]) for label in labels]
+    assert ms == [1, 2, 1, 4, 3, 8, 7, 16, 15, 32, 31, 64, 63]
+    # The sweep's launches are gemm.py's own points only.
+    sweep = [label for label, _ in prebuild.gemm_launches("llama-3-8b:o", True, 2)]
+    assert [label for label in sweep if "(" not in label] == [
+        "llama-3-8b:o M=1",
+        "llama-3-8b:o M=2",
+    ]
