@@ -76,10 +76,11 @@ def select_shapes(layers: str | None) -> list[tuple[str, str, int, int]]:
 # TMA_MIN_M.
 TMA_MIN_M = 128
 SPLIT_K_MAX_M = 128
-# Kinds --sweep times unless --kinds says otherwise: not the TMA kind, which runs in one process
-# with a time limit per config first (tests/test_matmul.py
-# test_matmul_tma_config_finishes_and_matches_plain_gpu): both GPU runs that reached it went on
-# for minutes, and a kernel that does not end would take the whole sweep with it.
+# Kinds --sweep times unless --kinds says otherwise: not the TMA kind, which the GPU tests first
+# run one config per process with a time limit (tests/test_matmul.py
+# test_matmul_tma_config_finishes_and_matches_plain_gpu): in a sweep, a kernel that does not end
+# takes the whole sweep with it. Two runs once went on for minutes there; on an H100 every TMA
+# config has since ended (benchmarks/results/tma_probe_h100.json): add it with --kinds.
 SWEEP_KINDS = ("plain", "split_k")
 
 

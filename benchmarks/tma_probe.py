@@ -30,6 +30,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from det_backend.kernels.matmul import _tile_coords  # the tile order every form shares
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 # (M, N, K): gate_up and down of Llama-3-8B at prefill and mid M, then a ragged shape (M, N,
@@ -38,17 +39,6 @@ SHAPES = ((4096, 28672, 4096), (4096, 4096, 14336), (512, 28672, 4096), (300, 10
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 TILES = ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3))
 FORMS = ("plain", "grid", "noflat", "flat_c", "ours")
-
-
-@triton.jit
-def _coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = tile_id // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
-    pid_n = (tile_id % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -65,7 +55,7 @@ def _store(acc, y_ptr, off_m, off_n, M, N, stride_ym, BLOCK_M: tl.constexpr, BLO
 def _grid_kernel(x_desc, w_desc, y_ptr, M, N, K, stride_ym,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):  # fmt: skip
-    pid_m, pid_n = _coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -81,12 +71,11 @@ def _persistent_kernel(x_desc, w_desc, y_ptr, M, N, K, stride_ym,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
                        FLATTEN: tl.constexpr):  # fmt: skip
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     tile_id_c = tl.program_id(0) - NUM_SMS
-    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN):
-        pid_m, pid_n = _coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -96,7 +85,7 @@ def _persistent_kernel(x_desc, w_desc, y_ptr, M, N, K, stride_ym,
             acc = tl.dot(x, w.T, acc)
         # The epilogue's tile from its own counter (tutorial 09's workaround).
         tile_id_c += NUM_SMS
-        pid_m_c, pid_n_c = _coords(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        pid_m_c, pid_n_c = _tile_coords(tile_id_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _store(acc, y_ptr, pid_m_c * BLOCK_M, pid_n_c * BLOCK_N, M, N, stride_ym, BLOCK_M, BLOCK_N)
 
 

@@ -715,8 +715,7 @@ _INTERPRETER_PROGRAMS = 3
 
 
 def _launch_tma(x, weight, bias, y, cfg: MatmulConfig) -> None:
-    _check_tma_operand(x, "x")
-    _check_tma_operand(weight, "weight")
+    # x and weight were checked by matmul() (_tma_fits).
     M, K = x.shape
     N = weight.shape[0]
     num_programs = _device_info(x.device.index)[1] if x.is_cuda else _INTERPRETER_PROGRAMS
@@ -772,9 +771,13 @@ def matmul(
     if M == 0 or N == 0:
         return y
     cfg = config_for(M, N, K, gpu_family(x.device), full_k) if config is None else config
-    if config is None and cfg.kind == "tma_persistent" and not (_tma_fits(x) and _tma_fits(weight)):
-        # A layout TMA cannot read (an unaligned view): the plain kernel with the same tile
-        # and split_k, which gives the same bits (every config of a split_k does: tested).
+    if cfg.kind == "tma_persistent" and not (_tma_fits(x) and _tma_fits(weight)):
+        if config is not None:  # forced: refuse, naming the operand
+            _check_tma_operand(x, "x")
+            _check_tma_operand(weight, "weight")
+        # From the table, a layout TMA cannot read (an unaligned view): the plain kernel with
+        # the same tile and split_k, which gives the same bits (every config of a split_k
+        # does: tested).
         cfg = cfg._replace(kind="plain")
     _check_config(cfg, x)
     if cfg.kind == "tma_persistent":

@@ -48,6 +48,23 @@ def _fake_run(backend: str, tok_s: float, alone: int = 0) -> dict:
     }
 
 
+def _fake_result(workloads, backends, alone_backends, speeds: dict) -> dict:
+    """What demo.run_backends returns, each backend at its speed (alone runs: 4 prompts)."""
+    return {
+        "workloads": {
+            w["name"]: {
+                "num_prompts": len(w["prompts"]),
+                "max_tokens": w["max_tokens"],
+                "prompt_lengths": w["prompt_lengths"],
+                "runs": [
+                    _fake_run(b, speeds[b], 4 if b in alone_backends else 0) for b in backends
+                ],
+            }
+            for w in workloads
+        }
+    }
+
+
 def test_ab_throughput_backends_and_fields(monkeypatch, tmp_path):
     """--backends puts the default first; every engine gets <name>_tok_s and a ratio to the
     default; det keeps its first field names and det_fa3's are prefixed."""
@@ -62,19 +79,7 @@ def test_ab_throughput_backends_and_fields(monkeypatch, tmp_path):
     def fake_run_backends(config, workloads, backends, alone_backends, tensor_parallel_size, **kw):
         calls["backends"], calls["alone"] = backends, alone_backends
         calls["tp"] = tensor_parallel_size
-        return {
-            "workloads": {
-                w["name"]: {
-                    "num_prompts": len(w["prompts"]),
-                    "max_tokens": w["max_tokens"],
-                    "prompt_lengths": w["prompt_lengths"],
-                    "runs": [
-                        _fake_run(b, speeds[b], 4 if b in alone_backends else 0) for b in backends
-                    ],
-                }
-                for w in workloads
-            }
-        }
+        return _fake_result(workloads, backends, alone_backends, speeds)
 
     monkeypatch.setattr(ab, "run_backends", fake_run_backends)
     monkeypatch.setattr(ab, "vocab_size", lambda config: 1000)
@@ -114,19 +119,7 @@ def test_ab_throughput_headline_is_the_unset_engine_where_it_ran(monkeypatch, tm
     speeds = {"default": 100.0, "vllm_batch_invariant": 70.0, "det_unset": 97.0, "det": 80.0}
 
     def fake_run_backends(config, workloads, backends, alone_backends, tensor_parallel_size, **kw):
-        return {
-            "workloads": {
-                w["name"]: {
-                    "num_prompts": len(w["prompts"]),
-                    "max_tokens": w["max_tokens"],
-                    "prompt_lengths": w["prompt_lengths"],
-                    "runs": [
-                        _fake_run(b, speeds[b], 4 if b in alone_backends else 0) for b in backends
-                    ],
-                }
-                for w in workloads
-            }
-        }
+        return _fake_result(workloads, backends, alone_backends, speeds)
 
     monkeypatch.setattr(ab, "run_backends", fake_run_backends)
     monkeypatch.setattr(ab, "vocab_size", lambda config: 1000)
