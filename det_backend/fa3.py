@@ -8,11 +8,15 @@ later rows are exact no-ops for earlier ones (probability 0, rescale by 0 of a z
 So everything that picks the instantiation from the batch is pinned here:
 
 - num_splits=1: no split-KV (whose count FA3 derives from the batch and the SM count);
-- max_seqlen_q is raised to at least 64 // (q heads per kv head) + 1. FA3 picks a
-  one-warpgroup decode kernel when max_seqlen_q * G <= 64 (kBlockM 64; kBlockN 192 instead
-  of 128 at head_size 64) and drops the causal flag when max_seqlen_q == 1 (head sizes 64
-  and 256), so a token computed in decode would not match the same token in a prefill.
-  max_seqlen_q is only an upper bound for FA3 (tiles come from cu_seqlens_q on the device);
+- at head sizes 64 and 256, max_seqlen_q is raised to at least 64 // (q heads per kv head)
+  + 1. FA3 picks a one-warpgroup decode kernel when max_seqlen_q * G <= 64 (kBlockM 64;
+  kBlockN 192 instead of 128 at head_size 64) and drops the causal flag when
+  max_seqlen_q == 1 (head sizes 64 and 256), so a token computed in decode would not match
+  the same token in a prefill. max_seqlen_q is only an upper bound for FA3 (tiles come from
+  cu_seqlens_q on the device). Not at 128: there the one-warpgroup kernel keeps kBlockN 128
+  and gives every row the two-warpgroup kernel's bits (a GPU test shows both, other kernel
+  names and the same bits), and it runs decode in 64-row tiles instead of 128. Not at 80/96:
+  neither heuristic applies there;
 - pages of at most 64 positions: FA3's TMA paged-KV path, chosen when the page size is a
   multiple of kBlockN (>= 80 here) and the batch's max_seqlen_q is large, is never taken;
 - scheduler_metadata=None: FA3 prepares the tile schedule inside the call; the schedule
@@ -30,17 +34,23 @@ import torch
 SUPPORTED_HEAD_SIZES = (64, 80, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # heuristics.h use_one_mma_wg: max_seqlen_q * (q heads / kv heads) <= 64 picks the
-# one-warpgroup kernel; we always want the other one.
+# one-warpgroup kernel; at these head sizes we always want the other one (see the docstring).
 ONE_MMA_WG_MAX_ROWS = 64
+PINNED_HEAD_SIZES = (64, 256)
 # FA3's kBlockN is >= 80 for every head size above (causal, bf16/fp16); a smaller page can
 # never be a multiple of it, so FA3 always takes its non-TMA paged-KV path.
 MAX_BLOCK_SIZE = 64
 BLOCK_SIZES = (16, 32, 64)
 
 
-def pinned_max_seqlen_q(max_query_len: int, num_q_heads: int, num_kv_heads: int) -> int:
-    """The max_seqlen_q FA3 is told: at least the batch's, and large enough that FA3's host
-    heuristics choose its prefill kernel for every batch, decode-only ones included."""
+def pinned_max_seqlen_q(
+    max_query_len: int, num_q_heads: int, num_kv_heads: int, head_size: int
+) -> int:
+    """The max_seqlen_q FA3 is told: the batch's; at PINNED_HEAD_SIZES at least large enough
+    that FA3's host heuristics choose its prefill kernel for every batch, decode-only ones
+    included."""
+    if head_size not in PINNED_HEAD_SIZES:
+        return max_query_len
     g = num_q_heads // num_kv_heads
     return max(max_query_len, ONE_MMA_WG_MAX_ROWS // g + 1)
 
@@ -121,7 +131,7 @@ def fa3_paged_attention(
         # As vLLM's FlashAttention backend passes them (strides of size-1 dims made regular).
         canonicalize_singleton_dim_strides(key_cache),
         canonicalize_singleton_dim_strides(value_cache),
-        max_seqlen_q=pinned_max_seqlen_q(max_seqlen_q, q.shape[1], key_cache.shape[2]),
+        max_seqlen_q=pinned_max_seqlen_q(max_seqlen_q, q.shape[1], key_cache.shape[2], q.shape[2]),
         cu_seqlens_q=cu_seqlens_q,
         max_seqlen_k=max_seqlen_k,
         seqused_k=seq_lens,

@@ -168,6 +168,44 @@ def test_vllm_batch_invariant_fa3_decode_depends_on_the_batch_at_head_size_64(de
     assert_rows_equal(pinned, run(batch.select(0))[400:600], "pinned decode vs pinned prefill")
 
 
+def fa3_kernel_names(fn) -> set[str]:
+    """Names of the FA3 forward kernels one call of fn launches (torch profiler)."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "FlashAttnFwdSm90" in e.name}
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", HEADS)
+def test_fa3_one_warpgroup_kernel_gives_the_prefill_bits_at_head_size_128(
+    num_q_heads, num_kv_heads, device
+):
+    """Why head_size 128 is not pinned: decode batches and small chunks (max_seqlen_q * G <=
+    64) run FA3's one-warpgroup kernel, another instantiation than the prefill's (other kernel
+    names, so the equality below is not one kernel compared with itself), with the same
+    kBlockN 128, and it gives every row the prefill's bits."""
+    specs = [(600, 900)] + [(1, n) for n in (2000, 50, 700, 1300)]
+    batch = make_batch(specs, num_q_heads, num_kv_heads, 128, torch.bfloat16, device, seed=6)
+    g = num_q_heads // num_kv_heads
+    prefill = run(batch.select(0))
+    others = batch.subset([1, 2, 3, 4])
+    small = max(1, 64 // g)  # the largest chunk that still takes the one-warpgroup kernel
+    token = batch.select(0, slice(590, 591))
+    chunk = batch.select(0, slice(600 - small, 600))
+    one_wg = fa3_kernel_names(lambda: run(token)) | fa3_kernel_names(lambda: run(chunk))
+    two_wg = fa3_kernel_names(lambda: run(batch.select(0)))
+    assert one_wg and two_wg and not (one_wg & two_wg), (one_wg, two_wg)
+    for i in list(range(580, 600)) + [0, 1, 127, 128, 129, 300]:
+        token = batch.select(0, slice(i, i + 1))
+        assert_rows_equal(run(token), prefill[i : i + 1], f"decode of token {i} alone")
+        in_batch = run(join(others, token))[4:]
+        assert_rows_equal(in_batch, prefill[i : i + 1], f"decode of token {i} in a batch of 5")
+    for lo in range(0, 600, small):
+        rows = slice(lo, min(lo + small, 600))
+        assert_rows_equal(run(batch.select(0, rows)), prefill[rows], f"chunk {rows}")
+
+
 def test_fa3_zero_length_padding_requests(device):
     """Batch padding as vLLM's CUDA graphs produce it: trailing requests with no tokens and no
     KV, and q rows past the last request. Real rows keep their bits; padding is untouched."""

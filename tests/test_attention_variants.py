@@ -161,10 +161,16 @@ def test_backend_sizes_follow_the_variant(monkeypatch):
 
 
 @pytest.mark.parametrize("g", [1, 2, 4, 5, 8, 16, 64])
-def test_pinned_max_seqlen_q_picks_the_prefill_kernel(g):
+@pytest.mark.parametrize("head_size", fa3.SUPPORTED_HEAD_SIZES)
+def test_pinned_max_seqlen_q_picks_the_prefill_kernel(g, head_size):
     # heuristics.h use_one_mma_wg: max_seqlen_q * G <= 64; flash_api.cpp drops causal at 1.
+    # Both only matter at 64 and 256; elsewhere the batch's own max_seqlen_q goes through.
+    assert set(fa3.PINNED_HEAD_SIZES) == {64, 256}
     for max_query_len in (1, 2, 16, 64, 65, 4096):
-        pinned = fa3.pinned_max_seqlen_q(max_query_len, 8 * g, 8)
+        pinned = fa3.pinned_max_seqlen_q(max_query_len, 8 * g, 8, head_size)
+        if head_size not in fa3.PINNED_HEAD_SIZES:
+            assert pinned == max_query_len
+            continue
         assert pinned >= max_query_len and pinned > 1
         assert pinned * g > fa3.ONE_MMA_WG_MAX_ROWS
         if max_query_len * g > fa3.ONE_MMA_WG_MAX_ROWS:
