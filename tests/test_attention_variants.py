@@ -237,8 +237,18 @@ def test_unset_default_is_fa3_where_it_runs_and_carries_the_model(tmp_path, fa3_
     assert variants.default_for(features) == ("fa3", [])
 
 
-def test_unset_default_is_triton_without_fa3_and_says_why(tmp_path):
-    # This machine: vLLM's FA3 extension does not load (no CUDA build here).
+@pytest.fixture
+def fa3_missing(monkeypatch):
+    """The platform check where vLLM's FA3 extension does not load (as on a CPU machine; on a
+    Hopper GPU it loads, so the test fakes its absence there too)."""
+    real = variants.platform_problems
+    problem = "attention variant fa3: vLLM's FlashAttention-3 extension does not load (faked)"
+    monkeypatch.setattr(
+        variants, "platform_problems", lambda v: [problem] if v == "fa3" else real(v)
+    )
+
+
+def test_unset_default_is_triton_without_fa3_and_says_why(tmp_path, fa3_missing):
     features = variants.model_layer_features(_model_config(tmp_path, "llama-3-8b"))
     variant, passed_over = variants.default_for(features)
     assert variant == "triton"
