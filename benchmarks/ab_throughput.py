@@ -17,6 +17,7 @@ are prefixed with its name (`det_tok_s`, `det_fa3_tok_s`, ...).
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -108,7 +109,18 @@ def main() -> None:
         default="prefill_mix,decode_heavy",
         help="comma-separated subset of prefill_mix,decode_heavy",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per batch and engine (median)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="start every engine this many times, in turn (ratios: median over rounds)",
+    )
     args = parser.parse_args()
+    if args.repeats < 1 or args.rounds < 1:
+        raise SystemExit("--repeats and --rounds must be >= 1")
     backends = parse_backends(args.backends)
     if args.plot:
         plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
@@ -150,19 +162,48 @@ def main() -> None:
             print("\n".join(lines), flush=True)
         return summary
 
-    result = run_backends(
-        args.config,
-        workloads,
-        order,
-        alone_backends=dets,
-        tensor_parallel_size=args.tensor_parallel_size,
-        keep_going=True,
-        on_backend_done=save,
-    )
-    summary = save(result, final=True)
+    header["repeats"], header["rounds"] = args.repeats, args.rounds
+    done = []  # the rounds that ended; each engine's saves include them
+    for _ in range(args.rounds):
+        done.append(
+            run_backends(
+                args.config,
+                workloads,
+                order,
+                alone_backends=dets,
+                tensor_parallel_size=args.tensor_parallel_size,
+                keep_going=True,
+                on_backend_done=lambda partial: save(combine_rounds([*done, partial])),
+                repeats=args.repeats,
+            )
+        )
+    summary = save(combine_rounds(done), final=True)
     if summary.get("failed"):
         raise SystemExit(f"engines failed: {summary['failed']} (what ran is in {args.out})")
     plot(summary, Path(args.out).with_suffix(".png"))
+
+
+def combine_rounds(results: list[dict]) -> dict:
+    """run_backends' results of several rounds as one: every run tagged with its round, the
+    failed engines of any round (named with it when there are several)."""
+    combined = {"workloads": {}}
+    for r, result in enumerate(results):
+        for name, w in result.get("workloads", {}).items():
+            entry = combined["workloads"].setdefault(name, {**w, "runs": []})
+            entry["runs"] += [{**run, "round": r} for run in w["runs"]]
+        for backend, error in result.get("failed", {}).items():
+            key = backend if len(results) == 1 else f"{backend} (round {r})"
+            combined.setdefault("failed", {})[key] = error
+    return combined
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _tok_s(runs: list[dict]) -> float:
+    """An engine's tok/s over its rounds: the median of each round's (itself a median)."""
+    return _median([r["tok_s"] for r in runs])
 
 
 def summarize_ab(
@@ -176,28 +217,45 @@ def summarize_ab(
     if result.get("failed"):
         summary["failed"] = result["failed"]
     for name, w in result["workloads"].items():
-        runs = {r["backend"]: r for r in w["runs"]}
-        default = runs.get("default")
+        # backend -> its runs, one per round that ran it (each run's tok_s: a median of repeats)
+        runs: dict[str, list[dict]] = {}
+        for r in w["runs"]:
+            runs.setdefault(r["backend"], []).append(r)
+        # round -> default's tok_s there: ratios pair each engine with the default of its round
+        default_at = {r.get("round", 0): r["tok_s"] for r in runs.get("default", [])}
         entry = {k: w[k] for k in ("num_prompts", "max_tokens", "prompt_lengths")}
-        line = [f"{name}: default " + (f"{default['tok_s']:.0f} tok/s" if default else "-")]
+        line = [
+            f"{name}: default " + (f"{_tok_s(runs['default']):.0f} tok/s" if default_at else "-")
+        ]
         for b in (b for b in backends if b in runs):
-            entry[f"{b}_tok_s"] = runs[b]["tok_s"]
+            entry[f"{b}_tok_s"] = _tok_s(runs[b])
+            entry[f"{b}_tok_s_runs"] = [
+                t for r in runs[b] for t in r.get("tok_s_runs", [r["tok_s"]])
+            ]
             if b == "default":
                 continue
-            if default:
-                entry[f"{b}_vs_default"] = runs[b]["tok_s"] / default["tok_s"]
-                line.append(f"{b} {runs[b]['tok_s']:.0f} ({entry[f'{b}_vs_default']:.2f}x)")
+            ratios = [
+                r["tok_s"] / default_at[r.get("round", 0)]
+                for r in runs[b]
+                if r.get("round", 0) in default_at
+            ]
+            if ratios:
+                entry[f"{b}_vs_default"] = _median(ratios)
+                if len(ratios) > 1:
+                    entry[f"{b}_vs_default_rounds"] = ratios
+                line.append(f"{b} {entry[f'{b}_tok_s']:.0f} ({entry[f'{b}_vs_default']:.2f}x)")
             else:
-                line.append(f"{b} {runs[b]['tok_s']:.0f}")
+                line.append(f"{b} {entry[f'{b}_tok_s']:.0f}")
         for b in (b for b in dets if b in runs):
-            r = runs[b]
+            alone = sum(r["identical_alone_vs_batch"] for r in runs[b])
+            prompts_alone = sum(r["prompts_alone"] for r in runs[b])
+            repeat = sum(r["identical_batch_repeat"] for r in runs[b])
+            prompts_batch = sum(r["prompts_batch"] for r in runs[b])
             # det's keys keep their first names (identical_fraction, ...); others get a prefix.
             pre = "" if b == "det" else f"{b}_"
-            entry[f"{pre}identical_fraction"] = r["identical_alone_vs_batch"] / r["prompts_alone"]
-            entry[f"{pre}identical_alone"] = f"{r['identical_alone_vs_batch']}/{r['prompts_alone']}"
-            entry[f"{b}_batch_repeat_identical"] = (
-                f"{r['identical_batch_repeat']}/{r['prompts_batch']}"
-            )
+            entry[f"{pre}identical_fraction"] = alone / prompts_alone
+            entry[f"{pre}identical_alone"] = f"{alone}/{prompts_alone}"
+            entry[f"{b}_batch_repeat_identical"] = f"{repeat}/{prompts_batch}"
             line.append(f"{b} alone = batch {entry[f'{pre}identical_alone']}")
         entry["runs"] = w["runs"]
         summary["workloads"][name] = entry

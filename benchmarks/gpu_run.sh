@@ -272,8 +272,11 @@ if [[ $what == *" ab "* ]]; then
   # AB_BACKENDS: engines to compare, e.g. default,det,det_fa3 (default: default, vLLM BI, det).
   # AB_TP: GPUs per engine (2 on a two-GPU host: issue 8's A/B at TP=2).
   # AB_WORKLOADS: a subset of prefill_mix,decode_heavy (default: both).
+  # AB_REPEATS: timed runs per batch and engine (default 3); AB_ROUNDS: every engine started
+  # this many times, in turn (default 1); ratios are medians over rounds.
   python3 "$REPO/benchmarks/ab_throughput.py" ${AB_BACKENDS:+--backends "$AB_BACKENDS"} \
     ${AB_TP:+--tensor-parallel-size "$AB_TP"} ${AB_WORKLOADS:+--workloads "$AB_WORKLOADS"} \
+    ${AB_REPEATS:+--repeats "$AB_REPEATS"} ${AB_ROUNDS:+--rounds "$AB_ROUNDS"} \
     --out "$OUT/ab_throughput.json" > "$OUT/ab.log" 2>&1
   rc=$(( rc | $? )); grep -E "tok/s|Error|error" "$OUT/ab.log" | tail -20
   after_mode ab

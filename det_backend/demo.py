@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -294,9 +295,20 @@ def engine_worker(args: argparse.Namespace) -> None:
         print(f"{tag} {w['name']}: batch of {len(inputs)} prompts (timed)", flush=True)
         start = time.perf_counter()
         batch = _outputs(llm.generate(inputs, params))
-        seconds = time.perf_counter() - start
+        seconds = [time.perf_counter() - start]
         print(f"{tag} {w['name']}: the same batch again", flush=True)
         batch2 = _outputs(llm.generate(inputs, params, use_tqdm=False))
+        # More timed runs of the batch, each after emptying the prefix cache so that it misses
+        # like the first: one run's time moved by 10% between calls on one H100 (README,
+        # "Performance"), so tok_s is the median of plan["repeats"] runs.
+        for i in range(1, plan.get("repeats", 1)):
+            print(f"{tag} {w['name']}: timed run {i + 1}/{plan['repeats']}", flush=True)
+            if not llm.reset_prefix_cache():
+                raise RuntimeError("det_backend: vLLM did not empty its prefix cache")
+            start = time.perf_counter()
+            llm.generate(inputs, params, use_tqdm=False)
+            seconds.append(time.perf_counter() - start)
+        tokens = sum(len(o["tokens"]) for o in batch)
         alone = []
         for i, p in enumerate(inputs[: w["num_alone"]]):
             print(f"\r{tag} prompts alone: {i + 1}/{w['num_alone']}", end="", flush=True)
@@ -304,8 +316,9 @@ def engine_worker(args: argparse.Namespace) -> None:
         print(flush=True)
         results[w["name"]] = {
             "backend": args.engine_worker,
-            "tok_s": sum(len(o["tokens"]) for o in batch) / seconds,
-            "batch_seconds": seconds,
+            "tok_s": statistics.median(tokens / t for t in seconds),
+            "tok_s_runs": [tokens / t for t in seconds],
+            "batch_seconds": statistics.median(seconds),
             "batch": batch,
             "batch2": batch2,
             "alone": alone,
@@ -424,6 +437,7 @@ def summarize(run: dict) -> dict:
         "prompts_batch": len(repeat_div),
         "first_divergence_min": min(diverged) if diverged else None,
         "tok_s": run["tok_s"],
+        "tok_s_runs": run.get("tok_s_runs", [run["tok_s"]]),
         "preemptions": run.get("preemptions"),
         "attention_variant": run.get("attention_variant"),
         "gpu": run["gpu"],
@@ -472,6 +486,7 @@ def run_backends(
     keep_going: bool = False,
     on_backend_done: Callable[[dict], None] | None = None,
     profile: bool = False,
+    repeats: int = 1,
 ) -> dict:
     """Each backend in its own process (one engine per process), same prompts and weights.
     Only `alone_backends` (default: all) also run prompts alone. num_gpu_blocks: KV blocks
@@ -483,7 +498,10 @@ def run_backends(
     backend, failed or not, so a caller can save what is known if the run is cut short.
     profile: each workload's batch runs once under torch.profiler after the warm-up
     (profiled_generate), nothing else; its run is {"backend", **profile} (TP=1 only: the model
-    must run in the engine's own process)."""
+    must run in the engine's own process). repeats: timed runs of each batch (tok_s is their
+    median; tok_s_runs lists them), each after emptying the prefix cache."""
+    if repeats < 1:
+        raise ValueError(f"det_backend: repeats must be >= 1, got {repeats}")
     if profile and tensor_parallel_size != 1:
         raise ValueError("det_backend: profile=True needs tensor_parallel_size=1")
     result = {"config": config, "workloads": {}}
@@ -497,6 +515,7 @@ def run_backends(
                 "num_gpu_blocks_override": num_gpu_blocks,
                 "tensor_parallel_size": tensor_parallel_size,
                 "profile": profile,
+                "repeats": repeats,
                 "workloads": [
                     {**w, "num_alone": w["num_alone"] if backend in alone else 0} for w in workloads
                 ],

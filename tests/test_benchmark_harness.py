@@ -133,6 +133,55 @@ def test_ab_throughput_headline_is_the_unset_engine_where_it_ran(monkeypatch, tm
         assert data["identical_fraction"] == 1.0
 
 
+def test_ab_throughput_rounds_pair_each_engine_with_its_rounds_default(monkeypatch, tmp_path):
+    """--rounds 3: every engine starts three times in turn; an engine's tok/s is the median of
+    its rounds, its ratio the median of per-round ratios (each to that round's default), its
+    invariance counts add up; --repeats reaches run_backends."""
+    import json
+
+    ab = pytest.importorskip("ab_throughput")
+    # The default swings between rounds (as it did between calls on one H100); det follows.
+    speeds = [
+        {"default": 100.0, "det_unset": 95.0},
+        {"default": 80.0, "det_unset": 88.0},
+        {"default": 90.0, "det_unset": 90.0},
+    ]
+    calls = []
+
+    def fake_run_backends(config, workloads, backends, alone_backends, tensor_parallel_size, **kw):
+        calls.append(kw["repeats"])
+        result = _fake_result(workloads, backends, alone_backends, speeds[len(calls) - 1])
+        for w in result["workloads"].values():
+            for r in w["runs"]:
+                r["tok_s_runs"] = [r["tok_s"] - 1, r["tok_s"], r["tok_s"] + 1]
+        kw["on_backend_done"](result)
+        return result
+
+    monkeypatch.setattr(ab, "run_backends", fake_run_backends)
+    monkeypatch.setattr(ab, "vocab_size", lambda config: 1000)
+    out = tmp_path / "ab.json"
+    argv = ["ab", "--backends", "det_unset", "--rounds", "3", "--repeats", "5"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--workloads", "prefill_mix", "--out", str(out)])
+    ab.main()
+    data = json.loads(out.read_text())
+    w = data["workloads"]["prefill_mix"]
+    assert calls == [5, 5, 5] and data["rounds"] == 3 and data["repeats"] == 5
+    assert w["default_tok_s"] == 90.0 and w["det_unset_tok_s"] == 90.0
+    assert w["det_unset_vs_default_rounds"] == [0.95, 1.1, 1.0]
+    assert w["det_unset_vs_default"] == 1.0  # not 90 / 90 by chance: the median of the three
+    assert w["det_unset_identical_alone"] == "12/12" and w["det_unset_batch_repeat_identical"] == (
+        "24/24"
+    )
+    assert len(w["default_tok_s_runs"]) == 9 and min(w["default_tok_s_runs"]) == 79.0
+    assert [r["round"] for r in w["runs"]] == [0, 0, 1, 1, 2, 2]
+    assert data["det_tok_s"] == 90.0 and data["det_engine"] == "det_unset"
+    with pytest.raises(SystemExit, match="rounds"):
+        monkeypatch.setattr(sys, "argv", [*argv[:3], "--rounds", "0"])
+        ab.main()
+    failed = ab.combine_rounds([{"workloads": {}, "failed": {"default": "x"}}] * 2)["failed"]
+    assert failed == {"default (round 0)": "x", "default (round 1)": "x"}
+
+
 def test_ab_throughput_keeps_what_ran_when_an_engine_fails(monkeypatch, tmp_path):
     """vLLM's default engine failing (as at TP=2 on the lent hosts): the JSON still has det's
     tok/s and invariance counts, names the failed engine, has no ratio, and the run exits

@@ -159,3 +159,77 @@ def test_nccl_only_engine_kwargs_are_vllm_engine_args(monkeypatch):
     assert args.compilation_config.pass_config.fuse_allreduce_rms is False
     flags = demo.nccl_only_serve_args()
     assert "--disable-custom-all-reduce" not in flags and "--compilation-config" in flags
+
+
+class _FakeLLM:
+    """vllm.LLM as engine_worker uses it: each generate one step slower than the last, so the
+    timed runs differ; every prompt returns its first two ids with their logprobs."""
+
+    resets: list = []
+    reset_ok = True
+
+    def __init__(self, **kwargs):
+        self.calls = 0
+
+    def apply_model(self, fn):
+        pass
+
+    def reset_prefix_cache(self):
+        _FakeLLM.resets.append(self.calls)
+        return _FakeLLM.reset_ok
+
+    def generate(self, prompts, params, use_tqdm=True):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        time.sleep(0.01 * self.calls)
+        prompts = prompts if isinstance(prompts, list) else [prompts]
+        return [
+            SimpleNamespace(
+                outputs=[
+                    SimpleNamespace(
+                        token_ids=p["prompt_token_ids"][:2],
+                        logprobs=[
+                            {t: SimpleNamespace(logprob=-1.0)} for t in p["prompt_token_ids"][:2]
+                        ],
+                    )
+                ]
+            )
+            for p in prompts
+        ]
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_engine_worker_times_the_batch_repeats_times_each_after_emptying_the_prefix_cache(
+    repeats, monkeypatch, tmp_path
+):
+    import argparse
+
+    import torch
+    import vllm
+
+    monkeypatch.setattr(vllm, "LLM", _FakeLLM)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "G")
+    monkeypatch.setattr(_FakeLLM, "resets", [])
+    w = demo.workload("main", 3, 2, 1, 1000)
+    plan = {"max_model_len": 600, "repeats": repeats, "workloads": [w]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    args = argparse.Namespace(
+        engine_worker="default",
+        model_dir=str(tmp_path),
+        plan=str(tmp_path / "plan.json"),
+        out=str(tmp_path / "out.json"),
+    )
+    demo.engine_worker(args)
+    run = json.loads((tmp_path / "out.json").read_text())["main"]
+    assert len(run["tok_s_runs"]) == repeats
+    assert run["tok_s"] == sorted(run["tok_s_runs"])[(repeats - 1) // 2]  # the median
+    # warm-up, timed, again (cache hits), then each repeat after a reset of the prefix cache
+    assert _FakeLLM.resets == list(range(3, 3 + repeats - 1))
+    assert demo.summarize(run)["tok_s_runs"] == run["tok_s_runs"]
+    if repeats > 1:
+        monkeypatch.setattr(_FakeLLM, "reset_ok", False)
+        with pytest.raises(RuntimeError, match="prefix cache"):
+            demo.engine_worker(args)
+    with pytest.raises(ValueError, match="repeats"):
+        demo.run_backends("small", [w], ("default",), repeats=0)
