@@ -197,13 +197,9 @@ def combine_rounds(results: list[dict]) -> dict:
     return combined
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def _tok_s(runs: list[dict]) -> float:
     """An engine's tok/s over its rounds: the median of each round's (itself a median)."""
-    return _median([r["tok_s"] for r in runs])
+    return statistics.median(r["tok_s"] for r in runs)
 
 
 def summarize_ab(
@@ -240,7 +236,7 @@ def summarize_ab(
                 if r.get("round", 0) in default_at
             ]
             if ratios:
-                entry[f"{b}_vs_default"] = _median(ratios)
+                entry[f"{b}_vs_default"] = statistics.median(ratios)
                 if len(ratios) > 1:
                     entry[f"{b}_vs_default_rounds"] = ratios
                 line.append(f"{b} {entry[f'{b}_tok_s']:.0f} ({entry[f'{b}_vs_default']:.2f}x)")
