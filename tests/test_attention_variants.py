@@ -224,11 +224,19 @@ def _model_config(tmp_path, name: str):
     return ModelConfig(model=str(tmp_path), skip_tokenizer_init=True)
 
 
+def _fa3_platform(monkeypatch, problems: list[str]) -> None:
+    # The platform check answers `problems` for fa3 whatever this machine has; the real one
+    # for every other variant.
+    real = variants.platform_problems
+    monkeypatch.setattr(
+        variants, "platform_problems", lambda v: problems if v == "fa3" else real(v)
+    )
+
+
 @pytest.fixture
 def fa3_runs_here(monkeypatch):
     """The platform check of a Hopper GPU with vLLM's FA3 (this machine has neither)."""
-    real = variants.platform_problems
-    monkeypatch.setattr(variants, "platform_problems", lambda v: [] if v == "fa3" else real(v))
+    _fa3_platform(monkeypatch, [])
 
 
 def test_unset_default_is_fa3_where_it_runs_and_carries_the_model(tmp_path, fa3_runs_here):
@@ -241,11 +249,8 @@ def test_unset_default_is_fa3_where_it_runs_and_carries_the_model(tmp_path, fa3_
 def fa3_missing(monkeypatch):
     """The platform check where vLLM's FA3 extension does not load (as on a CPU machine; on a
     Hopper GPU it loads, so the test fakes its absence there too)."""
-    real = variants.platform_problems
     problem = "attention variant fa3: vLLM's FlashAttention-3 extension does not load (faked)"
-    monkeypatch.setattr(
-        variants, "platform_problems", lambda v: [problem] if v == "fa3" else real(v)
-    )
+    _fa3_platform(monkeypatch, [problem])
 
 
 def test_unset_default_is_triton_without_fa3_and_says_why(tmp_path, fa3_missing):
