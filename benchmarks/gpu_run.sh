@@ -16,6 +16,8 @@
 #                                         per TMA config, 60 s each at most)
 #   bash benchmarks/gpu_run.sh gemm       the GEMM benchmark with the committed table (gemm.json)
 #   bash benchmarks/gpu_run.sh rmsnorm    RMSNorm vs vLLM's CUDA ops (rmsnorm.json)
+#   bash benchmarks/gpu_run.sh rmsnorm-sweep  RMSNorm launch candidates per hidden size, each
+#                                         bit-checked across row counts (rmsnorm_sweep.json)
 #   bash benchmarks/gpu_run.sh attention  attention vs FA3 (attention.json)
 #   bash benchmarks/gpu_run.sh matrix     invariance matrix through vllm serve (invariance_matrix.json);
 #                                         DET_MATRIX_TP=2: every server at --tensor-parallel-size 2;
@@ -232,6 +234,12 @@ if [[ $what == *" sampling-sweep "* ]]; then
     > "$OUT/sampling_sweep.log" 2>&1
   rc=$(( rc | $? )); tail -20 "$OUT/sampling_sweep.log"
   after_mode sampling-sweep
+fi
+if [[ $what == *" rmsnorm-sweep "* ]]; then
+  python3 "$REPO/benchmarks/rmsnorm.py" --sweep --out "$OUT/rmsnorm_sweep.json" \
+    > "$OUT/rmsnorm_sweep.log" 2>&1
+  rc=$(( rc | $? )); tail -6 "$OUT/rmsnorm_sweep.log"
+  after_mode rmsnorm-sweep
 fi
 for bench in rmsnorm attention moe sampling; do
   if [[ $what == *" $bench "* ]]; then

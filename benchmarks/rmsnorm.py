@@ -3,13 +3,28 @@ provider), bf16, tokens 1..16384, hidden 4096 / 5120 / 8192, in one process, sam
 
     python benchmarks/rmsnorm.py --out rmsnorm.json
     python benchmarks/rmsnorm.py --plot rmsnorm.json
+    python benchmarks/rmsnorm.py --sweep --out rmsnorm_sweep.json   # launch configs, see below
 
 Speed-up = vLLM time / ours; GB/s counts each tensor read or written once.
+
+--sweep times each candidate launch (kernels/rms_norm.py `launch_candidates`: the row whole or
+in chunks, warps) at 256..16384 tokens for every hidden size, beside vLLM's op, and checks that
+each keeps a row's bits whatever the row count (8 rows alone vs inside the full batch). A
+config may follow hidden, never the tokens: the best by geomean over tokens per hidden is
+what `launch_config` may adopt.
 """
 
 from __future__ import annotations
 
-from harness import copy_bandwidth, main, pyplot, speedup_line, speedup_summary, time_pair
+from harness import (
+    copy_bandwidth,
+    geomean,
+    main,
+    pyplot,
+    speedup_line,
+    speedup_summary,
+    time_pair,
+)
 
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 HIDDEN = (4096, 5120, 8192)
@@ -54,6 +69,77 @@ def run() -> dict:
     return speedup_summary(points, bandwidth)
 
 
+SWEEP_TOKENS = (256, 1024, 4096, 16384)
+
+
+def run_sweep() -> dict:
+    import torch
+    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
+    from det_backend.kernels.rms_norm import (
+        fused_add_rms_norm,
+        launch_candidates,
+        launch_config,
+        rms_norm,
+    )
+
+    bandwidth = copy_bandwidth()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    points, best = [], {}
+    for hidden in HIDDEN:
+        w = torch.randn(hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+        per_config = {}
+        for config in launch_candidates(hidden):
+            for tokens in SWEEP_TOKENS:
+                x = torch.randn(tokens, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+                res = torch.randn_like(x)
+                out = torch.empty_like(x)
+                xv, rv = x.clone(), res.clone()
+                cases = {
+                    "rms_norm": (
+                        lambda x=x, w=w, c=config: rms_norm(x, w, EPS, config=c),
+                        lambda x=x, w=w, out=out: torch.ops._C.rms_norm(out, x, w, EPS),
+                        2,
+                    ),
+                    "fused_add_rms_norm": (
+                        lambda x=x, res=res, w=w, c=config: fused_add_rms_norm(
+                            x, res, w, EPS, config=c
+                        ),
+                        lambda xv=xv, rv=rv, w=w: torch.ops._C.fused_add_rms_norm(xv, rv, w, EPS),
+                        4,
+                    ),
+                }
+                for op, (ours, theirs, tensors) in cases.items():
+                    # The config must keep a row's bits whatever the row count.
+                    few = ours()[0][:8] if op != "rms_norm" else ours()[:8]
+                    alone = (
+                        fused_add_rms_norm(x[:8], res[:8], w, EPS, config=config)[0]
+                        if op != "rms_norm"
+                        else rms_norm(x[:8], w, EPS, config=config)
+                    )
+                    nbytes = tensors * x.numel() * x.element_size()
+                    p = {
+                        "op": op,
+                        "tokens": tokens,
+                        "hidden": hidden,
+                        "config": config._asdict(),
+                        "is_default": config == launch_config(hidden),
+                        "rows_invariant": bool(torch.equal(few, alone)),
+                    }
+                    label = f"{op:>18} T={tokens:<6} H={hidden} {tuple(config)}"
+                    p.update(time_pair(ours, theirs, nbytes, bandwidth, label=label))
+                    points.append(p)
+                    per_config.setdefault(config, []).append(p["speedup_vs_vllm"])
+        ranked = sorted(per_config.items(), key=lambda kv: -geomean(kv[1]))
+        best[str(hidden)] = [
+            {"config": c._asdict(), "geomean_speedup_vs_vllm": geomean(r), "min": min(r)}
+            for c, r in ranked
+        ]
+    result = speedup_summary(points, bandwidth)
+    result["ranked_configs"] = best
+    result["all_rows_invariant"] = all(p["rows_invariant"] for p in points)
+    return result
+
+
 def plot(data: dict):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -77,5 +163,28 @@ def plot(data: dict):
     return fig
 
 
+def sweep_line(result: dict) -> str:
+    if "ranked_configs" not in result:
+        return speedup_line(result)
+    lines = [f"rows invariant for every config: {result['all_rows_invariant']}"]
+    for hidden, ranked in result["ranked_configs"].items():
+        top = ", ".join(
+            f"{tuple(r['config'].values())} {r['geomean_speedup_vs_vllm']:.3f}" for r in ranked[:3]
+        )
+        lines.append(f"hidden {hidden}: best {top}")
+    return "\n".join(lines)
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--sweep", action="store_true", help="time the candidate launch configs")
+
+
 if __name__ == "__main__":
-    main(__doc__, "rmsnorm.json", lambda a: run(), plot, speedup_line)
+    main(
+        __doc__,
+        "rmsnorm.json",
+        lambda a: run_sweep() if a.sweep else run(),
+        plot,
+        sweep_line,
+        add_args,
+    )

@@ -16,6 +16,8 @@ alignment, so an argument that changes with the row count must not be specialize
 H100: compiled for R1 == 1, a row's bits changed).
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -187,6 +189,41 @@ def _as_rows(t: torch.Tensor) -> tuple[int, int, int]:
     return rows.shape[1], rows.stride(0), rows.stride(1)
 
 
+class LaunchConfig(NamedTuple):
+    """How a row is walked: whole in registers (block_n >= hidden) or in block_n-column chunks,
+    by num_warps warps. It fixes the reduction order, so it may depend on hidden alone."""
+
+    whole_row: bool
+    block_n: int
+    num_warps: int
+
+
+def launch_config(hidden: int) -> LaunchConfig:
+    """The launch every call with rows of `hidden` columns gets (never the row count)."""
+    whole_row = hidden <= _MAX_WHOLE_ROW
+    block_n = triton.next_power_of_2(hidden) if whole_row else _CHUNK_BLOCK_N
+    return LaunchConfig(whole_row, block_n, min(16, max(1, block_n // 512)))
+
+
+def launch_candidates(hidden: int) -> list[LaunchConfig]:
+    """Launches the benchmark sweeps and the tests check (every one keeps a row's bits whatever
+    the row count): launch_config's first, the whole row at 4-16 warps, 1024- and 2048-column
+    chunks at 2-8 warps."""
+    whole = triton.next_power_of_2(hidden)
+    configs = [launch_config(hidden)]
+    if hidden <= _MAX_WHOLE_ROW:
+        configs += [LaunchConfig(True, whole, w) for w in (4, 8, 16)]
+    configs += [LaunchConfig(False, b, w) for b in (1024, 2048) for w in (2, 4, 8) if b < hidden]
+    return list(dict.fromkeys(configs))
+
+
+def _check_config(config: LaunchConfig, hidden: int) -> None:
+    if config.block_n & (config.block_n - 1) or config.num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"det_backend: rms_norm {config}: block_n and num_warps powers of two")
+    if config.whole_row and config.block_n < hidden:
+        raise ValueError(f"det_backend: rms_norm {config} cannot hold a row of {hidden} whole")
+
+
 def _launch(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -195,15 +232,17 @@ def _launch(
     variance_size: int | None,
     out: torch.Tensor,
     residual_out: torch.Tensor | None,
+    config: LaunchConfig | None,
 ) -> None:
     hidden = x.shape[-1]
     num_rows = x.numel() // hidden
     if num_rows == 0:
         return
-    # BLOCK_N and num_warps depend on hidden only: they fix the reduction order.
-    whole_row = hidden <= _MAX_WHOLE_ROW
-    block_n = triton.next_power_of_2(hidden) if whole_row else _CHUNK_BLOCK_N
-    num_warps = min(16, max(1, block_n // 512))
+    if config is None:
+        config = launch_config(hidden)
+    else:
+        _check_config(config, hidden)
+    whole_row, block_n, num_warps = config
     has_residual = residual is not None
     if not has_residual:
         # Dummies: the kernel never touches them when HAS_RESIDUAL is False.
@@ -243,11 +282,14 @@ def rms_norm(
     weight: torch.Tensor | None,
     eps: float,
     variance_size: int | None = None,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """vLLM's rms_norm over the last dim of x [..., hidden]; returns a new tensor like x."""
+    """vLLM's rms_norm over the last dim of x [..., hidden]; returns a new tensor like x.
+
+    config: another fixed launch than launch_config(hidden), for benchmarks and tests."""
     _check_inputs(x, None, weight, variance_size)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x, None, weight, eps, variance_size, out, None)
+    _launch(x, None, weight, eps, variance_size, out, None, config)
     return out
 
 
@@ -258,10 +300,12 @@ def fused_add_rms_norm(
     eps: float,
     variance_size: int | None = None,
     inplace: bool = False,
+    config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's fused_add_rms_norm: (rms_norm(x + residual), (x + residual).to(x.dtype)).
 
     With inplace=True the results are written into x and residual, which are returned.
+    config: as for rms_norm.
     """
     _check_inputs(x, residual, weight, variance_size)
     if inplace:
@@ -269,7 +313,7 @@ def fused_add_rms_norm(
     else:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x, residual, weight, eps, variance_size, out, residual_out)
+    _launch(x, residual, weight, eps, variance_size, out, residual_out, config)
     return out, residual_out
 
 

@@ -11,8 +11,11 @@ import pytest
 import torch
 from det_backend.kernels.rms_norm import (
     _MAX_WHOLE_ROW,
+    LaunchConfig,
     fused_add_rms_norm,
     fused_add_rms_norm_reference,
+    launch_candidates,
+    launch_config,
     rms_norm,
     rms_norm_reference,
 )
@@ -201,6 +204,43 @@ def test_fused_add_rms_norm_inplace_equals_out_of_place(device, dtype, hidden):
     out, residual_out = fused_add_rms_norm(x_in, residual_in, weight, EPS, inplace=True)
     assert out is x_in and residual_out is residual_in
     assert torch.equal(out, expected_out) and torch.equal(residual_out, expected_residual)
+
+
+@pytest.mark.parametrize("hidden", [1500, 5120])
+def test_every_launch_candidate_matches_float64_and_keeps_rows(device, hidden):
+    # Any candidate may become launch_config's choice for its hidden size: each must be
+    # accurate and give a row the same bits whatever the row count (fp32: a changed sum of
+    # squares shows there first; fp16 for the interpreter, whose bf16 math is off).
+    candidates = launch_candidates(hidden)
+    assert candidates[0] == launch_config(hidden) and len(set(candidates)) == len(candidates)
+    assert any(not c.whole_row for c in candidates) and any(c.whole_row for c in candidates)
+    for dtype in (torch.float32, torch.float16):
+        x, residual, weight = make_inputs(9, hidden, dtype, dtype, device, seed=30)
+        tol = tolerance(hidden, dtype)
+        ref_out, _ = fused_add_rms_norm_reference(x, residual, weight, EPS)
+        both = torch.stack([x, residual], dim=1)
+        for c in candidates:
+            out, _ = fused_add_rms_norm(x, residual, weight, EPS, config=c)
+            torch.testing.assert_close(out.double(), ref_out, **tol, msg=lambda m, c=c: f"{c}: {m}")
+            fn = lambda a, c=c, weight=weight: torch.cat(  # noqa: E731
+                [
+                    rms_norm(a[:, 0], weight, EPS, config=c),
+                    *fused_add_rms_norm(a[:, 0], a[:, 1], weight, EPS, config=c),
+                ],
+                dim=-1,
+            )
+            assert prefixes_that_change(fn, both, (1, 2, 7)) == [], c
+
+
+def test_rms_norm_rejects_bad_launch_config(device):
+    x = torch.ones(4, 640, dtype=torch.float16, device=device)
+    for bad in (
+        LaunchConfig(True, 512, 4),
+        LaunchConfig(False, 1000, 4),
+        LaunchConfig(True, 1024, 3),
+    ):
+        with pytest.raises(ValueError, match="rms_norm"):
+            rms_norm(x, None, EPS, config=bad)
 
 
 def test_rms_norm_nondeterministic_control(device):
