@@ -236,7 +236,8 @@ if [[ $what == *" sampling-sweep "* ]]; then
   after_mode sampling-sweep
 fi
 if [[ $what == *" rmsnorm-sweep "* ]]; then
-  python3 "$REPO/benchmarks/rmsnorm.py" --sweep --out "$OUT/rmsnorm_sweep.json" \
+  # RMS_HIDDEN: the hidden sizes to sweep, comma-separated (default 4096,5120,8192).
+  python3 "$REPO/benchmarks/rmsnorm.py" --sweep ${RMS_HIDDEN:+--hidden "$RMS_HIDDEN"} --out "$OUT/rmsnorm_sweep.json" \
     > "$OUT/rmsnorm_sweep.log" 2>&1
   rc=$(( rc | $? )); tail -6 "$OUT/rmsnorm_sweep.log"
   after_mode rmsnorm-sweep

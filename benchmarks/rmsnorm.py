@@ -8,7 +8,7 @@ provider), bf16, tokens 1..16384, hidden 4096 / 5120 / 8192, in one process, sam
 Speed-up = vLLM time / ours; GB/s counts each tensor read or written once.
 
 --sweep times each candidate launch (kernels/rms_norm.py `launch_candidates`: the row whole or
-in chunks, warps) at 256..16384 tokens for every hidden size, beside vLLM's op, and checks that
+in chunks, warps) at 1024..16384 tokens for each hidden size (--hidden), beside vLLM's op, and checks that
 each keeps a row's bits whatever the row count (8 rows alone vs inside the full batch). A
 config may follow hidden, never the tokens: the best by geomean over tokens per hidden is
 what `launch_config` may adopt.
@@ -69,10 +69,10 @@ def run() -> dict:
     return speedup_summary(points, bandwidth)
 
 
-SWEEP_TOKENS = (256, 1024, 4096, 16384)
+SWEEP_TOKENS = (1024, 4096, 16384)  # below, launch overhead, not the config, sets the time
 
 
-def run_sweep() -> dict:
+def run_sweep(hiddens: tuple[int, ...]) -> dict:
     import torch
     import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
     from det_backend.kernels.rms_norm import (
@@ -85,7 +85,7 @@ def run_sweep() -> dict:
     bandwidth = copy_bandwidth()
     gen = torch.Generator(device="cuda").manual_seed(0)
     points, best = [], {}
-    for hidden in HIDDEN:
+    for hidden in hiddens:
         w = torch.randn(hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
         per_config = {}
         for config in launch_candidates(hidden):
@@ -177,13 +177,18 @@ def sweep_line(result: dict) -> str:
 
 def add_args(parser) -> None:
     parser.add_argument("--sweep", action="store_true", help="time the candidate launch configs")
+    parser.add_argument(
+        "--hidden",
+        default=",".join(map(str, HIDDEN)),
+        help="--sweep: hidden sizes, comma-separated (each candidate is one more JIT compile)",
+    )
 
 
 if __name__ == "__main__":
     main(
         __doc__,
         "rmsnorm.json",
-        lambda a: run_sweep() if a.sweep else run(),
+        lambda a: run_sweep(tuple(int(h) for h in a.hidden.split(","))) if a.sweep else run(),
         plot,
         sweep_line,
         add_args,
