@@ -8,10 +8,10 @@ provider), bf16, tokens 1..16384, hidden 4096 / 5120 / 8192, in one process, sam
 Speed-up = vLLM time / ours; GB/s counts each tensor read or written once.
 
 --sweep times each candidate launch (kernels/rms_norm.py `launch_candidates`: the row whole or
-in chunks, warps) at 1024..16384 tokens for each hidden size (--hidden), beside vLLM's op, and checks that
-each keeps a row's bits whatever the row count (8 rows alone vs inside the full batch). A
-config may follow hidden, never the tokens: the best by geomean over tokens per hidden is
-what `launch_config` may adopt.
+in chunks, warps) at 1024..16384 tokens for each hidden size (--hidden), beside vLLM's op, and
+checks that each keeps a row's bits whatever the row count (8 rows alone vs inside the full
+batch). A config may follow hidden, never the tokens: the best by geomean over tokens per
+hidden is what `launch_config` may adopt.
 """
 
 from __future__ import annotations
