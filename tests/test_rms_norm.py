@@ -232,6 +232,15 @@ def test_every_launch_candidate_matches_float64_and_keeps_rows(device, hidden):
             assert prefixes_that_change(fn, both, (1, 2, 7)) == [], c
 
 
+def test_launch_config_follows_the_real_columns():
+    # A warp per 512 real columns (power of two); padded blocks no longer get the padding's.
+    assert launch_config(5120) == LaunchConfig(True, 8192, 8)
+    assert launch_config(4096) == LaunchConfig(True, 4096, 8)
+    assert launch_config(8192) == LaunchConfig(True, 8192, 16)
+    assert launch_config(128) == LaunchConfig(True, 128, 1)
+    assert launch_config(CHUNKED_HIDDEN) == LaunchConfig(False, 8192, 16)
+
+
 def test_rms_norm_rejects_bad_launch_config(device):
     x = torch.ones(4, 640, dtype=torch.float16, device=device)
     for bad in (
