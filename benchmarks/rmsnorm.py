@@ -31,10 +31,38 @@ HIDDEN = (4096, 5120, 8192)
 EPS = 1e-5
 
 
+def op_cases(x, res, w, config=None) -> dict:
+    """op -> (ours, vLLM's, tensors moved) on these inputs; config: our launch (None: the
+    default one)."""
+    import torch
+    from det_backend.kernels.rms_norm import fused_add_rms_norm, rms_norm
+
+    out = torch.empty_like(x)
+    # vLLM's fused op works in place: it keeps adding into the same buffers, which changes
+    # values, not the work done.
+    xv, rv = x.clone(), res.clone()
+    return {
+        "rms_norm": (
+            lambda: rms_norm(x, w, EPS, config=config),
+            lambda: torch.ops._C.rms_norm(out, x, w, EPS),
+            2,
+        ),
+        "fused_add_rms_norm": (
+            lambda: fused_add_rms_norm(x, res, w, EPS, config=config),
+            lambda: torch.ops._C.fused_add_rms_norm(xv, rv, w, EPS),
+            4,
+        ),
+    }
+
+
+def first_output(result):
+    """The normalised rows of either op's result."""
+    return result[0] if isinstance(result, tuple) else result
+
+
 def run() -> dict:
     import torch
     import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
-    from det_backend.kernels.rms_norm import fused_add_rms_norm, rms_norm
 
     bandwidth = copy_bandwidth()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -44,22 +72,7 @@ def run() -> dict:
         for tokens in TOKENS:
             x = torch.randn(tokens, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
             res = torch.randn_like(x)
-            out = torch.empty_like(x)
-            # vLLM's fused op works in place: it keeps adding into the same buffers, which
-            # changes values, not the work done.
-            xv, rv = x.clone(), res.clone()
-            cases = {
-                "rms_norm": (
-                    lambda x=x, w=w: rms_norm(x, w, EPS),
-                    lambda x=x, w=w, out=out: torch.ops._C.rms_norm(out, x, w, EPS),
-                    2,
-                ),
-                "fused_add_rms_norm": (
-                    lambda x=x, res=res, w=w: fused_add_rms_norm(x, res, w, EPS),
-                    lambda xv=xv, rv=rv, w=w: torch.ops._C.fused_add_rms_norm(xv, rv, w, EPS),
-                    4,
-                ),
-            }
+            cases = op_cases(x, res, w)
             for op, (ours, theirs, tensors) in cases.items():
                 nbytes = tensors * x.numel() * x.element_size()
                 p = {"op": op, "tokens": tokens, "hidden": hidden}
@@ -75,12 +88,7 @@ SWEEP_TOKENS = (1024, 4096, 16384)  # below, launch overhead, not the config, se
 def run_sweep(hiddens: tuple[int, ...]) -> dict:
     import torch
     import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
-    from det_backend.kernels.rms_norm import (
-        fused_add_rms_norm,
-        launch_candidates,
-        launch_config,
-        rms_norm,
-    )
+    from det_backend.kernels.rms_norm import launch_candidates, launch_config
 
     bandwidth = copy_bandwidth()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -92,30 +100,11 @@ def run_sweep(hiddens: tuple[int, ...]) -> dict:
             for tokens in SWEEP_TOKENS:
                 x = torch.randn(tokens, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
                 res = torch.randn_like(x)
-                out = torch.empty_like(x)
-                xv, rv = x.clone(), res.clone()
-                cases = {
-                    "rms_norm": (
-                        lambda x=x, w=w, c=config: rms_norm(x, w, EPS, config=c),
-                        lambda x=x, w=w, out=out: torch.ops._C.rms_norm(out, x, w, EPS),
-                        2,
-                    ),
-                    "fused_add_rms_norm": (
-                        lambda x=x, res=res, w=w, c=config: fused_add_rms_norm(
-                            x, res, w, EPS, config=c
-                        ),
-                        lambda xv=xv, rv=rv, w=w: torch.ops._C.fused_add_rms_norm(xv, rv, w, EPS),
-                        4,
-                    ),
-                }
-                for op, (ours, theirs, tensors) in cases.items():
+                alone = op_cases(x[:8], res[:8], w, config)
+                for op, (ours, theirs, tensors) in op_cases(x, res, w, config).items():
                     # The config must keep a row's bits whatever the row count.
-                    few = ours()[0][:8] if op != "rms_norm" else ours()[:8]
-                    alone = (
-                        fused_add_rms_norm(x[:8], res[:8], w, EPS, config=config)[0]
-                        if op != "rms_norm"
-                        else rms_norm(x[:8], w, EPS, config=config)
-                    )
+                    few = first_output(ours())[:8]
+                    rows_invariant = torch.equal(few, first_output(alone[op][0]()))
                     nbytes = tensors * x.numel() * x.element_size()
                     p = {
                         "op": op,
@@ -123,7 +112,7 @@ def run_sweep(hiddens: tuple[int, ...]) -> dict:
                         "hidden": hidden,
                         "config": config._asdict(),
                         "is_default": config == launch_config(hidden),
-                        "rows_invariant": bool(torch.equal(few, alone)),
+                        "rows_invariant": rows_invariant,
                     }
                     label = f"{op:>18} T={tokens:<6} H={hidden} {tuple(config)}"
                     p.update(time_pair(ours, theirs, nbytes, bandwidth, label=label))
